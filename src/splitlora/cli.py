@@ -1,0 +1,155 @@
+"""Command line: ``splitlora train | eval | score | serve | client | bench``.
+
+Bad input is a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+# flag -> config key, for ``splitlora train`` (and the parts of it other commands share)
+TRAIN_FLAGS: dict[str, tuple[str, type]] = {
+    "--algorithm": ("algorithm", str),
+    "--model": ("model", str),
+    "--data": ("data", str),
+    "--clients": ("clients", int),
+    "--cut-layer": ("cut_layer", int),
+    "--steps": ("steps", int),
+    "--batch-size": ("batch_size", int),
+    "--lr": ("lr", float),
+    "--aggregate-every": ("aggregate_every", int),
+    "--partition": ("partition", str),
+    "--seed": ("seed", int),
+    "--server-mode": ("server_mode", str),
+    "--wire-dtype": ("wire_dtype", str),
+    "--max-length": ("max_length", int),
+    "--eval-every": ("eval_every", int),
+    "--threads": ("threads", int),
+    "--device": ("device", str),
+}
+# flags that set both sides' LoRA
+LORA_FLAGS: dict[str, tuple[str, type]] = {
+    "--rank": ("rank", int),
+    "--alpha": ("alpha", float),
+    "--lora-dropout": ("dropout", float),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config (the format train writes to DIR/config.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set client_lora.rank=4 (repeatable)")
+    for flag, (key, typ) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
+        p.add_argument(flag, type=typ, default=None, help=f"config key {key}")
+
+
+def resolve_config(args: argparse.Namespace):
+    """Config file, then ``--set`` items, then explicit flags; validated once at the end."""
+    from .config import RunConfig, parse_set, read_yaml
+
+    raw = read_yaml(args.config) if args.config else {}
+    cfg = RunConfig.from_dict(raw)
+    overrides = parse_set(args.set)
+    for flag, (key, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    for flag, (key, _) in LORA_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides[f"client_lora.{key}"] = value
+            overrides[f"server_lora.{key}"] = value
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = resolve_config(args)
+    result = train(cfg, args.out, progress=not args.quiet)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"{cfg.algorithm}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val loss {val}, "
+          f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9):.0f} tok/s), "
+          f"bytes up {result.bytes_up:,} down {result.bytes_down:,}")
+    print(f"adapter: {result.adapter_dir}")
+    if args.eval:
+        from .eval.generate import evaluate_run
+
+        evaluate_run(args.out, data=None, split="test", limit=args.eval_limit, beams=args.beams,
+                     progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="splitlora", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train with one of the four algorithms (in one process)")
+    _add_config_flags(p)
+    p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--eval", action="store_true", help="run `splitlora eval` on the result")
+    p.add_argument("--eval-limit", type=int, default=None, help="with --eval: first N MRs only")
+    p.add_argument("--beams", type=int, default=10, help="with --eval: beam size (1 = greedy)")
+    p.set_defaults(func=cmd_train)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add their subcommands here (eval, score, serve, client, bench).
+_EXTRA_COMMANDS: list[Callable] = []
+
+
+def _register_optional() -> None:
+    import importlib
+
+    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.bench_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        _EXTRA_COMMANDS.append(mod.register)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _register_optional()
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]
+    elif argv[0] not in {"-h", "--help", "-v", "--verbose"} and argv[0].startswith("-"):
+        argv = ["train", *argv]
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        args = parser.parse_args(["train", *argv])
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

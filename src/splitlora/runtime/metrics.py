@@ -1,0 +1,44 @@
+"""Run logs: ``metrics.jsonl`` (flushed per line, so nothing finished is lost), a CSV copy of the
+step rows, and TensorBoard events when the ``tensorboard`` package is installed."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, append: bool = False):
+        self.out_dir = out_dir
+        self.jsonl = (out_dir / "metrics.jsonl").open("a" if append else "w")
+        self.rows: list[dict] = []
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: jsonl and CSV are the record
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if "event" in record:
+            return
+        self.rows.append(record)
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.rows:
+            keys = list(dict.fromkeys(k for r in self.rows for k in r))
+            with (self.out_dir / "metrics.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        if self.tb is not None:
+            self.tb.close()
