@@ -46,7 +46,7 @@ class Context:
             config = whole_lora_config(self.model, self.cfg)
         else:
             lora = self.cfg.client_lora if side == "client" else self.cfg.server_lora
-            config = side_lora_config(lora, architecture_of(self.model).lora_targets)
+            config = side_lora_config(lora, architecture_of(self.model))
         add_lora(part, config)
         load_lora_state(part, self.init_state)
         return part

@@ -12,15 +12,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraSide, RunConfig
-from .split import architecture_of, make_part
+from .split import Architecture, architecture_of, make_part
 
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the keys
 
 
-def side_lora_config(side: LoraSide, targets: tuple[str, ...]) -> LoraConfig:
+def side_lora_config(side: LoraSide, arch: Architecture) -> LoraConfig:
     return LoraConfig(r=side.rank, lora_alpha=side.alpha, lora_dropout=side.dropout,
-                      target_modules=list(side.target_modules or targets), bias="none",
-                      task_type="CAUSAL_LM")
+                      target_modules=list(side.target_modules or arch.lora_targets), bias="none",
+                      fan_in_fan_out=arch.fan_in_fan_out, task_type="CAUSAL_LM")
 
 
 def whole_lora_config(model: nn.Module, cfg: RunConfig) -> LoraConfig:
@@ -32,9 +32,9 @@ def whole_lora_config(model: nn.Module, cfg: RunConfig) -> LoraConfig:
     arch = architecture_of(model)
     client, server = cfg.client_lora, cfg.server_lora
     if client == server:
-        return side_lora_config(client, arch.lora_targets)
+        return side_lora_config(client, arch)
     names = {side: _target_names(model, cfg, side) for side in ("client", "server")}
-    base = side_lora_config(client, arch.lora_targets)
+    base = side_lora_config(client, arch)
     base.target_modules = sorted(names["client"] | names["server"])
     base.rank_pattern = {f"^{name}$": server.rank for name in sorted(names["server"]) if server.rank != client.rank}
     base.alpha_pattern = {f"^{name}$": server.alpha for name in sorted(names["server"])

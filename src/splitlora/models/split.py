@@ -34,6 +34,7 @@ class Architecture:
     embed_dropout: str | None = None
     rotary: str | None = None  # rotary embedding module: (cos, sin) passed to every block
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
 
     @property
     def client_only(self) -> tuple[str, ...]:
@@ -45,7 +46,8 @@ class Architecture:
 
 
 _GPT2 = Architecture(embed="transformer.wte", positions="transformer.wpe", embed_dropout="transformer.drop",
-                     layers="transformer.h", norm="transformer.ln_f", lora_targets=("c_attn",))
+                     layers="transformer.h", norm="transformer.ln_f", lora_targets=("c_attn",),
+                     fan_in_fan_out=True)
 _LLAMA = Architecture(embed="model.embed_tokens", rotary="model.rotary_emb", layers="model.layers",
                       norm="model.norm")
 

@@ -1,0 +1,150 @@
+"""Invariants of the engine: splitlora(1 client) == cen, FedAvg is sample-weighted, same seed gives
+the same adapter, the product loads as one PEFT adapter of the unsplit model, memory is shared."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from splitlora.algorithms import ALGORITHMS, Context
+from splitlora.data import prepare_data
+from splitlora.models.lora import lora_state
+from splitlora.train import train
+from splitlora.transport.inprocess import InProcessLink
+
+
+def _adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2):
+    common = dict(steps=20, clients=1, aggregate_every=1, batch_size=2, synthetic_examples=30)
+    split = train(tiny_config(algorithm="splitlora", **common), tmp_path / "split", progress=False, loaded=tiny_gpt2)
+    cen = train(tiny_config(algorithm="cen", **common), tmp_path / "cen", progress=False, loaded=tiny_gpt2)
+    a, b = _adapter(tmp_path / "split"), _adapter(tmp_path / "cen")
+    assert _max_diff(a, b) <= 1e-5
+    # It trained: B started at zero and moved.
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-4
+
+
+def test_fedavg_is_sample_weighted(tiny_gpt2):
+    # contiguous split of 31 training examples over 3 clients: unequal sample counts.
+    cfg = tiny_config(clients=3, partition="contiguous", aggregate_every=100, synthetic_examples=35)
+    data = prepare_data(cfg, tiny_gpt2.tokenizer)
+    algo = ALGORITHMS["splitlora"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
+    for t in range(2):
+        algo.step(t)
+    before = [lora_state(c.part) for c in algo.clients]
+    counts = [len(ix) for ix in data.client_indices]
+    assert len(set(counts)) > 1
+    assert max(_max_diff(before[0], s) for s in before[1:]) > 0  # clients diverged before averaging
+    event = algo._aggregate(algo.clients, 1)
+    assert event["samples"] == counts
+    expected = {k: sum(n * s[k] for n, s in zip(counts, before)) / sum(counts) for k in before[0]}
+    for c in algo.clients:
+        assert _max_diff(lora_state(c.part), expected) <= 1e-6
+    # Only the client side is averaged: the server keeps one adapter, which holds no client keys.
+    assert not set(lora_state(algo.server.part)) & set(expected)
+
+
+@pytest.mark.parametrize("algorithm", ["splitlora", "sl", "fed", "cen"])
+def test_same_seed_same_adapter(tmp_path, tiny_gpt2, algorithm):
+    cfg = tiny_config(algorithm=algorithm, steps=3, client_lora={"rank": 4, "dropout": 0.1},
+                      server_lora={"rank": 4, "dropout": 0.1})
+    train(cfg, tmp_path / "a", progress=False, loaded=tiny_gpt2)
+    train(cfg, tmp_path / "b", progress=False, loaded=tiny_gpt2)
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(cfg.with_overrides({"seed": 1}), tmp_path / "c", progress=False, loaded=tiny_gpt2)
+    assert _max_diff(a, _adapter(tmp_path / "c")) > 0
+
+
+@pytest.mark.parametrize("algorithm,server_mode", [("splitlora", "batched"), ("splitlora", "sequential"),
+                                                   ("sl", "sequential"), ("fed", "sequential")])
+def test_product_is_one_peft_adapter_of_the_whole_model(tmp_path, tiny_gpt2, algorithm, server_mode, caplog):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(algorithm=algorithm, server_mode=server_mode, steps=3)
+    result = train(cfg, tmp_path, progress=False, loaded=tiny_gpt2)
+    adapter = _adapter(tmp_path)
+    # Keys of both sides in one whole-model key space, for every block.
+    blocks = {int(k.split(".h.")[1].split(".")[0]) for k in adapter}
+    assert blocks == set(range(tiny_gpt2.model.config.n_layer))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        base = AutoModelForCausalLM.from_pretrained(tiny_gpt2.base_path)
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
+    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert _max_diff({k.removeprefix("base_model.model."): v for k, v in loaded.items()},
+                     {k.removeprefix("base_model.model."): v for k, v in adapter.items()}) == 0
+    # The validation loss the run reported is the loss of this very PEFT model.
+    from splitlora.eval.loss import mean_loss
+
+    data = prepare_data(cfg, tiny_gpt2.tokenizer)
+    assert mean_loss(peft_model, data.val, tiny_gpt2.model.config.pad_token_id) == pytest.approx(result.val_loss,
+                                                                                                 abs=1e-5)
+
+
+def _held_bytes(algo, model) -> int:
+    """Bytes of every distinct tensor storage the run holds: base, LoRA, optimizer state."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    parties = getattr(algo, "clients", []) + [getattr(algo, "server", None)]
+    for party in filter(None, parties):
+        tensors += list(party.part.parameters()) + list(party.part.buffers())
+        for state in party.optimizer.opt.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def test_memory_of_simulated_clients_is_shared(tiny_gpt2):
+    held = {}
+    for n in (1, 8):
+        cfg = tiny_config(clients=n, synthetic_examples=60)
+        data = prepare_data(cfg, tiny_gpt2.tokenizer)
+        algo = ALGORITHMS["splitlora"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
+        algo.step(0)  # optimizer state exists after the first step
+        held[n] = _held_bytes(algo, tiny_gpt2.model)
+    print(f"held tensor bytes: 1 client {held[1]:,}, 8 clients {held[8]:,} ({held[8] / held[1]:.3f}x)")
+    assert held[8] < 1.5 * held[1]
+
+
+def test_metrics_log_counts_bytes_exactly(tmp_path, tiny_gpt2):
+    import json
+
+    cfg = tiny_config(steps=2, aggregate_every=2, wire_dtype="bf16")
+    train(cfg, tmp_path, progress=False, loaded=tiny_gpt2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("loss", "lr", "tokens", "bytes_up", "bytes_down"):
+        assert all(key in r for r in steps)
+    agg = [r for r in rows if r.get("event") == "aggregate"]
+    assert len(agg) == 1
+    # Down: bf16 gradients of (B, T, H) per client; up adds uint8 mask and int32 labels.
+    hidden = tiny_gpt2.model.config.n_embd
+    up_step1, down_step1 = steps[0]["bytes_up"], steps[0]["bytes_down"]
+    assert down_step1 % (2 * hidden) == 0
+    bt = down_step1 // (2 * hidden)  # total B*T over clients
+    assert up_step1 == bt * (2 * hidden + 1 + 4)
+    # Aggregation: every client uploads its fp32 client-side LoRA and gets the average back.
+    lora_bytes = sum(v.numel() * 4 for k, v in _adapter(tmp_path).items()
+                     if int(k.split(".h.")[1].split(".")[0]) < cfg.cut_layer)
+    assert agg[0]["bytes_up"] == agg[0]["bytes_down"] == cfg.clients * lora_bytes
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "config.yaml").is_file()
