@@ -12,10 +12,11 @@ The official E2E evaluation (``measure_scores.py`` of tuetschek/e2e-metrics) run
 
 Where each definition comes from here:
 
-* BLEU: ``sacrebleu`` (13a tokenizer, ``smooth_method="exp"``, the mteval smoothing). Text is
-  lowercased here in ASCII only, like mteval's ``tr/[A-Z]/[a-z]/``. The padded empty references
-  become ``None``, which sacrebleu drops, like the edited mteval script drops them when it picks the
-  closest reference length.
+* BLEU: ``sacrebleu`` counts the n-gram matches and lengths (13a tokenizer), and
+  :func:`corpus_bleu` applies mteval's formula to them, which differs from sacrebleu's own only in
+  corner cases. Text is lowercased here in ASCII only, like mteval's ``tr/[A-Z]/[a-z]/``. The
+  padded empty references become ``None``, which sacrebleu drops, like the edited mteval script
+  drops them when it picks the closest reference length.
 * NIST: :func:`corpus_nist`, written here (no package implements mteval's NIST with its corpus-wide
   information weights). It uses sacrebleu's 13a tokenizer, the same regexes as mteval-v13a.
 * METEOR: the ``meteor-1.5.jar`` that ships with ``pycocoevalcap``, run once for the whole corpus
@@ -34,6 +35,7 @@ Where each definition comes from here:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -45,7 +47,7 @@ import warnings
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from splitlora.errors import UserError
 
@@ -54,6 +56,7 @@ __all__ = [
     "read_hypotheses",
     "score_corpus",
     "score_files",
+    "score_systems",
     "mteval_tokenize",
     "corpus_bleu",
     "corpus_nist",
@@ -94,7 +97,13 @@ def load_e2e_references(path: str | os.PathLike) -> tuple[list[str], list[list[s
         raise UserError(f"cannot read reference file {p}: {e}") from None
     if not text.strip():
         raise UserError(f"reference file is empty: {p}")
-    reader = csv.DictReader(text.splitlines())
+    try:
+        return _group_references(p, csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise UserError(f"reference file {p} is not valid CSV: {e}") from None
+
+
+def _group_references(p: Path, reader: csv.DictReader) -> tuple[list[str], list[list[str]]]:
     fields = [f.strip().lower() for f in (reader.fieldnames or [])]
     if "mr" not in fields or "ref" not in fields:
         raise UserError(
@@ -179,9 +188,15 @@ def _check_pairs(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
 def corpus_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU-4 (0..1) as mteval-v13a computes it, case-insensitive, multi-reference.
 
-    sacrebleu gives mteval's numbers whenever every n-gram order from 1 to 4 has at least one
-    hypothesis n-gram and one match, as on any real corpus. In the degenerate cases sacrebleu says
-    0, while mteval's smoothing gives a tiny positive score.
+    sacrebleu does the counting: 13a tokens, matches clipped by the largest count in any one
+    reference, and the closest reference length with ties going to the shorter one. The score then
+    follows mteval's ``bleu_score``, which also covers the corner cases where sacrebleu's own
+    formula says 0:
+
+    * an order with no hypothesis n-grams at all (every output shorter than n tokens) counts as
+      precision 1;
+    * an order with n-grams but no match counts as 1 / (2^k * n-grams), for the k-th such order;
+    * the brevity penalty is exp(min(0, 1 - ref_len / hyp_len)), and 0 for empty output.
     """
     from sacrebleu.metrics import BLEU
 
@@ -192,8 +207,26 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
         present = [_mteval_lower(r) for r in group if r.strip()]
         for k in range(n_streams):
             streams[k].append(present[k] if k < len(present) else None)
-    bleu = BLEU(tokenize="13a", lowercase=False, smooth_method="exp", force=True)
-    return bleu.corpus_score([_mteval_lower(h) for h in hyps], streams).score / 100.0
+    stats = BLEU(tokenize="13a", lowercase=False, force=True).corpus_score(
+        [_mteval_lower(h) for h in hyps], streams
+    )
+    return _mteval_bleu(list(stats.counts), list(stats.totals), stats.sys_len, stats.ref_len)
+
+
+def _mteval_bleu(matches: list[int], totals: list[int], hyp_len: int, ref_len: int) -> float:
+    """mteval-v13a ``bleu_score`` (smoothed version, the default) from corpus statistics."""
+    if hyp_len <= 0:
+        return 0.0
+    log_sum, smooth = 0.0, 1
+    for match, total in zip(matches, totals):
+        if total == 0:
+            continue  # log(1)
+        if match == 0:
+            smooth *= 2
+            log_sum += math.log(1 / (smooth * total))
+        else:
+            log_sum += math.log(match / total)
+    return math.exp(log_sum / len(matches)) * math.exp(min(0.0, 1 - ref_len / hyp_len))
 
 
 # NIST length-penalty constant from mteval: a system/reference length ratio of 1.5 scores 0.5.
@@ -450,61 +483,86 @@ def corpus_meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], *, java: s
     The inputs should be COCO-tokenized (:func:`coco_tokenize`), as in the official script. This
     follows pycocoevalcap's wrapper: a ``SCORE ||| ref1 ||| ... ||| hyp`` line per segment, then one
     ``EVAL`` line with every segment's statistics. METEOR's answer to that line is the corpus score.
+    It is not a mean of segment scores.
     """
-    if len(hyps) != len(refs) or not hyps:
-        raise UserError(f"{len(hyps)} hypotheses but {len(refs)} reference groups")
+    return _meteor_corpora(java, [(hyps, refs)])[0]
+
+
+def _meteor_corpora(java: str, corpora: Sequence[tuple[Sequence[str], Sequence[Sequence[str]]]]) -> list[float]:
+    """METEOR corpus scores for several (hyps, refs) corpora, from one METEOR process.
+
+    Starting the JVM and loading the paraphrase table takes most of the time.
+    """
+    for hyps, refs in corpora:
+        if len(hyps) != len(refs) or not hyps:
+            raise UserError(f"{len(hyps)} hypotheses but {len(refs)} reference groups")
     jar = _coco_dir("meteor") / "meteor-1.5.jar"
     if not jar.is_file():
         raise MeteorError(f"METEOR jar not found: {jar}")
     score_lines = []
-    for hyp, group in zip(hyps, refs):
-        hyp = _one_line(hyp).replace("|||", "").replace("  ", " ")
-        score_lines.append(" ||| ".join(("SCORE", " ||| ".join(_one_line(r) for r in group), hyp)))
-    cmd = [java, "-Xmx2G", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
+    for hyps, refs in corpora:
+        for hyp, group in zip(hyps, refs):
+            hyp = _one_line(hyp).replace("|||", "").replace("  ", " ")
+            score_lines.append(" ||| ".join(("SCORE", " ||| ".join(_one_line(r) for r in group), hyp)))
+    # The COCO wrapper's command. The JVM is also told to use UTF-8 so that non-ASCII words
+    # (Café, £) are read the same way under any locale.
+    cmd = [java, "-Xmx2G", "-Dfile.encoding=UTF-8", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
     with tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(cmd, cwd=str(jar.parent), stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=err)
         except OSError as e:
             raise MeteorError(f"cannot start java: {e}") from None
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
         timer = threading.Timer(_JAVA_TIMEOUT_S, proc.kill)
         timer.start()
         writer_error: list[BaseException] = []
 
         def write_scores() -> None:
             try:
-                assert proc.stdin is not None
-                proc.stdin.write(("\n".join(score_lines) + "\n").encode("utf-8"))
-                proc.stdin.flush()
+                stdin.write(("\n".join(score_lines) + "\n").encode("utf-8"))
+                stdin.flush()
             except BaseException as e:  # noqa: BLE001 - reported by the main thread
                 writer_error.append(e)
 
-        # Write from a thread while reading here, so that neither pipe fills up and blocks.
-        writer = threading.Thread(target=write_scores, daemon=True)
-        writer.start()
+        def read_lines(n: int) -> list[str]:
+            lines = [stdout.readline().decode("utf-8").strip() for _ in range(n)]
+            if not all(lines):
+                raise MeteorError("METEOR stopped before answering")
+            return lines
+
         try:
-            assert proc.stdin is not None and proc.stdout is not None
-            stats = [proc.stdout.readline().decode("utf-8").strip() for _ in score_lines]
+            # Write from a thread while reading here, so that neither pipe fills up and blocks.
+            writer = threading.Thread(target=write_scores, daemon=True)
+            writer.start()
+            stats = read_lines(len(score_lines))
             writer.join()
-            if writer_error or not all(stats):
-                raise MeteorError("METEOR stopped before scoring every segment")
-            proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8"))
-            proc.stdin.close()
-            answer = proc.stdout.read().decode("utf-8").split()
-            # One score per segment, then the corpus score.
-            if len(answer) != len(score_lines) + 1:
-                raise MeteorError(f"METEOR gave {len(answer)} numbers for {len(score_lines)} segments")
-            return float(answer[-1])
-        except (OSError, ValueError) as e:
-            raise MeteorError(f"METEOR failed: {e}") from None
-        except MeteorError as e:
+            if writer_error:
+                raise MeteorError(f"cannot write to METEOR: {writer_error[0]}")
+            scores, offset = [], 0
+            for hyps, _ in corpora:
+                corpus_stats = stats[offset : offset + len(hyps)]
+                offset += len(hyps)
+                stdin.write(("EVAL ||| " + " ||| ".join(corpus_stats) + "\n").encode("utf-8"))
+                stdin.flush()
+                # The answer: one score per segment, then the corpus score. Read just those lines:
+                # waiting for the JVM to exit after closing stdin would cost seconds.
+                scores.append(float(read_lines(len(hyps) + 1)[-1]))
+            return scores
+        except (OSError, ValueError, MeteorError) as e:
             err.seek(0)
             tail = err.read().decode("utf-8", "replace").strip().splitlines()
-            raise MeteorError(f"{e}{': ' + tail[-1] if tail else ''}") from None
+            raise MeteorError(f"{e}{' (' + tail[-1] + ')' if tail else ''}") from None
         finally:
             timer.cancel()
             proc.kill()
             proc.wait()
+            for pipe in (stdin, stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
 
 # --- ROUGE-L and CIDEr (pycocoevalcap) -------------------------------------------------------------
@@ -539,6 +597,8 @@ def corpus_cider(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     from pycocoevalcap.cider.cider import Cider
 
     gts, res = _coco_dicts(hyps, refs)
+    if not any(r.split() for group in refs for r in group):
+        return 0.0  # no reference n-gram at all (pycocoevalcap would fail on max() of nothing)
     return float(Cider().compute_score(gts, res)[0])
 
 
@@ -556,37 +616,51 @@ def score_corpus(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict:
     a warning says why. The other four are still computed, with the Python PTB tokenizer standing
     in for the Java one when Java is missing.
     """
-    hyps = [str(h) for h in hyps]
+    return score_systems({"": hyps}, refs)[""]
+
+
+def score_systems(systems: Mapping[str, Sequence[str]], refs: Sequence[Sequence[str]]) -> dict[str, dict]:
+    """Score several systems on the same references: ``{name: score_corpus(hyps, refs)}``.
+
+    Faster than one :func:`score_corpus` per system: the references are tokenized once and one
+    METEOR process serves every system.
+    """
     refs = [[str(r) for r in group] for group in refs]
-    _check_pairs(hyps, refs)
+    hyps_of = {name: [str(h) for h in hyps] for name, hyps in systems.items()}
+    for name, hyps in hyps_of.items():
+        try:
+            _check_pairs(hyps, refs)
+        except UserError as e:
+            raise UserError(f"system {name}: {e}" if name else str(e)) from None
 
     java = shutil.which("java")
-    result: dict = {
-        "bleu": corpus_bleu(hyps, refs),
-        "nist": corpus_nist(hyps, refs),
-        "meteor": None,
-    }
-    # Like the COCO evaluator: one tokenizer run for all references, one for all outputs.
-    tok_refs_flat = coco_tokenize([r for group in refs for r in group], java=java)
-    tok_hyps = coco_tokenize(hyps, java=java)
-    tok_refs: list[list[str]] = []
-    i = 0
-    for group in refs:
-        tok_refs.append(tok_refs_flat[i : i + len(group)])
-        i += len(group)
-
     if java is None:
         warnings.warn("java not found on PATH: METEOR is None, ROUGE-L/CIDEr use the Python PTB "
-                      "tokenizer", RuntimeWarning, stacklevel=2)
-    else:
+                      "tokenizer", RuntimeWarning, stacklevel=3)
+    # Like the COCO evaluator: one tokenizer run for all references, one for all outputs.
+    tok_refs_flat = iter(coco_tokenize([r for group in refs for r in group], java=java))
+    tok_refs = [[next(tok_refs_flat) for _ in group] for group in refs]
+    tok_hyps_of = {name: coco_tokenize(hyps, java=java) for name, hyps in hyps_of.items()}
+
+    meteors: list[float | None] = [None] * len(hyps_of)
+    if java is not None:
         try:
-            result["meteor"] = corpus_meteor(tok_hyps, tok_refs, java=java)
+            meteors = list(_meteor_corpora(java, [(t, tok_refs) for t in tok_hyps_of.values()]))
         except MeteorError as e:
-            warnings.warn(f"METEOR failed, reported as None: {e}", RuntimeWarning, stacklevel=2)
-    result["rouge_l"] = corpus_rouge_l(tok_hyps, tok_refs)
-    result["cider"] = corpus_cider(tok_hyps, tok_refs)
-    result["n"] = len(hyps)
-    return result
+            warnings.warn(f"METEOR failed, reported as None: {e}", RuntimeWarning, stacklevel=3)
+
+    results: dict[str, dict] = {}
+    for (name, hyps), meteor in zip(hyps_of.items(), meteors):
+        tok_hyps = tok_hyps_of[name]
+        results[name] = {
+            "bleu": corpus_bleu(hyps, refs),
+            "nist": corpus_nist(hyps, refs),
+            "meteor": meteor,
+            "rouge_l": corpus_rouge_l(tok_hyps, tok_refs),
+            "cider": corpus_cider(tok_hyps, tok_refs),
+            "n": len(hyps),
+        }
+    return results
 
 
 def score_files(refs_csv: str | os.PathLike, hyp_path: str | os.PathLike) -> dict:
