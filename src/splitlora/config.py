@@ -70,7 +70,7 @@ class RunConfig:
     client_lora: LoraSide = field(default_factory=LoraSide)
     server_lora: LoraSide = field(default_factory=LoraSide)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto
     log_every: int = 1
     eval_every: int = 0  # validation loss every N steps (0 = only at the end)
     threads: int = 0  # torch intra-op threads (0 = torch default)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .algorithms import ALGORITHMS, Context
 from .config import RunConfig
 from .data import prepare_data
+from .errors import UserError
 from .eval.loss import mean_loss
 from .models.loading import LoadedModel, load_model
 from .models.lora import add_lora, load_lora_state, save_adapter, whole_lora_config
@@ -51,6 +52,18 @@ class Validator:
         return mean_loss(self.model, self.items, self.pad_id)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be cpu, cuda, cuda:N or auto (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but no CUDA GPU is available")
+    return device
+
+
 def setup_torch(cfg: RunConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -64,7 +77,7 @@ def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: Lo
     out.mkdir(parents=True, exist_ok=True)
     setup_torch(cfg)
     loaded = loaded or load_model(cfg.model)
-    model = loaded.model
+    model = loaded.model.to(resolve_device(cfg.device))
     model.requires_grad_(False)
     check_cut(model, cfg.cut_layer)
     cfg.save(out / "config.yaml")

@@ -16,8 +16,10 @@ from ..data.batching import IGNORE, Encoded, batches_in_order
 def token_nll(model: nn.Module, items: Sequence[Encoded], pad_id: int, batch_size: int = 16) -> tuple[float, int]:
     """Summed negative log-likelihood of the labelled (completion) tokens, and their count."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches_in_order(items, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,

@@ -10,7 +10,7 @@ from ..data.batching import BatchStream
 from ..models.lora import load_lora_state, lora_state
 from ..models.split import client_forward
 from ..transport.messages import Activations, AdapterUpdate, Gradients
-from .optim import Optimizer
+from .optim import Optimizer, to_device
 
 
 class SplitClient:
@@ -25,9 +25,10 @@ class SplitClient:
         self.optimizer = Optimizer(part, cfg, total_steps)
         self._hidden: torch.Tensor | None = None
         self._step = -1
+        self.device = next(part.parameters()).device
 
     def forward(self, step: int) -> Activations:
-        batch = next(self.stream)
+        batch = to_device(next(self.stream), self.device)
         self.part.train()
         self._hidden = client_forward(self.part, batch["input_ids"], batch["attention_mask"])
         self._step = step

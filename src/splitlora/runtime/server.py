@@ -28,6 +28,7 @@ class SplitServer:
         self.mode = cfg.server_mode
         self.vocab_size = part.config.vocab_size
         self.optimizer = Optimizer(part, cfg, total_steps)
+        self.device = next(part.parameters()).device
 
     def process(self, ups: Sequence[Activations]) -> list[Gradients]:
         ups = sorted(ups, key=lambda a: a.client_id)
@@ -37,9 +38,10 @@ class SplitServer:
 
     def _step(self, ups: Sequence[Activations]) -> list[Gradients]:
         width = max(a.hidden.shape[1] for a in ups)
-        hidden = torch.cat([_pad(a.hidden, width, 0.0) for a in ups]).requires_grad_(True)
-        mask = torch.cat([_pad(a.attention_mask, width, 0) for a in ups])
-        labels = torch.cat([_pad(a.labels, width, IGNORE) for a in ups])
+        dev = self.device
+        hidden = torch.cat([_pad(a.hidden.to(dev), width, 0.0) for a in ups]).requires_grad_(True)
+        mask = torch.cat([_pad(a.attention_mask.to(dev), width, 0) for a in ups])
+        labels = torch.cat([_pad(a.labels.to(dev), width, IGNORE) for a in ups])
         self.part.train()
         logits = server_forward(self.part, hidden, mask)
         loss = ForCausalLMLoss(logits, labels, self.vocab_size)
@@ -49,7 +51,8 @@ class SplitServer:
         for a in ups:
             b, t = a.hidden.shape[:2]
             tokens = int((a.labels[:, 1:] != IGNORE).sum())
-            grads.append(Gradients(a.client_id, a.step, hidden.grad[row:row + b, :t].contiguous(),
+            # Gradients leave on the activations' device (the client's).
+            grads.append(Gradients(a.client_id, a.step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(),
                                    float(loss.detach()), tokens))
             row += b
         return grads

@@ -9,7 +9,7 @@ from ..config import RunConfig
 from ..data.batching import IGNORE, BatchStream
 from ..models.lora import load_lora_state, lora_state
 from ..transport.messages import AdapterUpdate
-from .optim import Optimizer
+from .optim import Optimizer, to_device
 
 
 class WholeModelParty:
@@ -20,10 +20,11 @@ class WholeModelParty:
         self.stream = stream
         self.num_samples = num_samples
         self.optimizer = Optimizer(model, cfg, total_steps)
+        self.device = next(model.parameters()).device
 
     def train_step(self) -> tuple[float, int]:
         """One local step on the unsplit model (transformers' own forward and loss)."""
-        batch = next(self.stream)
+        batch = to_device(next(self.stream), self.device)
         self.model.train()
         loss = self.model(**batch).loss
         loss.backward()
