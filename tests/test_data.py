@@ -16,8 +16,8 @@ def test_real_e2e_files(e2e_dir):
     assert len(dev) == 4672
     assert len({ex.mr for ex in dev}) == 547
     assert dev[0].slots()["name"]
-    both = load_e2e(e2e_dir)  # a folder: every CSV in it
-    assert len(both) == 4672 + 4693
+    folder = load_e2e(e2e_dir)  # a folder: its training CSVs, never the test set
+    assert folder == dev
 
 
 def test_loss_on_completion_only(tiny_gpt2):

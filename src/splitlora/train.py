@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from .algorithms import ALGORITHMS, Context
 from .config import RunConfig
@@ -76,6 +77,8 @@ def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: Lo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_torch(cfg)
+    if not progress:
+        transformers_logging.disable_progress_bar()
     loaded = loaded or load_model(cfg.model)
     model = loaded.model.to(resolve_device(cfg.device))
     model.requires_grad_(False)

@@ -47,12 +47,13 @@ def read_e2e_csv(path: str | Path) -> list[Example]:
 
 
 def load_e2e(path: str | Path) -> list[Example]:
-    """An E2E CSV file, or every ``*.csv`` in a folder (sorted by name)."""
+    """An E2E CSV file, or the training CSVs of a folder: every ``*.csv`` but ``testset*.csv``,
+    which ``splitlora eval`` keeps for testing (so a folder never leaks the test set into training)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.csv"))
+        files = [f for f in sorted(path.glob("*.csv")) if not f.name.startswith("testset")]
         if not files:
-            raise UserError(f"data folder {path} holds no .csv files")
+            raise UserError(f"data folder {path} holds no training .csv files")
         return [ex for f in files for ex in read_e2e_csv(f)]
     return read_e2e_csv(path)
 

@@ -1,0 +1,74 @@
+"""``splitlora eval`` (decode and score a run) and ``splitlora score`` (score an existing output file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EVAL_HELP = """\
+Decode one output per distinct MR with the run's base model and DIR/adapter (beam search, length
+penalty 0.8, no repeated 4-grams), then write DIR/predictions.txt (one line per MR, in order) and
+DIR/eval.json (BLEU, NIST, METEOR, ROUGE-L, CIDEr, perplexity of the references, counts, timing).
+
+Which data: --data, else the run's config.yaml `data`.
+  synthetic      the run's synthetic set is regenerated; its validation MRs are the test set
+                 (whatever --split says)
+  a folder       its --split file: test -> testset_w_refs.csv, dev -> devset.csv
+  a file         --data FILE is used as is; the run's own data file (its training file) is
+                 replaced by the --split file next to it
+References are grouped by consecutive identical MR, as the official E2E scripts do (630 MRs on
+the E2E test set).
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .generate import evaluate_run
+
+    evaluate_run(args.run, data=args.data, split=args.split, limit=args.limit, beams=args.beams,
+                 progress=not args.quiet, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                 device=args.device)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .metrics import score_files
+
+    print(json.dumps(score_files(args.refs, args.hyp)))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``eval`` and ``score`` to the ``splitlora`` subcommands (its parsers give one-line errors)."""
+    p = sub.add_parser("eval", help="decode the test MRs with a run's adapter and score them",
+                       description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, metavar="DIR", help="a run folder written by `splitlora train`")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="'synthetic', an E2E CSV file or a folder of them (default: the run's data)")
+    p.add_argument("--split", default="test", choices=("test", "dev"),
+                   help="with a data folder: test = testset_w_refs.csv, dev = devset.csv (default: test)")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="first N distinct MRs only")
+    p.add_argument("--beams", type=_positive, default=10, help="beam size, 1 = greedy (default: 10)")
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="output length cap (default: 64)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="MRs decoded together (default: 8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's device)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score an output file against E2E references (prints JSON)",
+                       description="Score HYP (one output line per distinct MR, in order) against the "
+                                   "references of an E2E CSV (columns mr, ref), as the official E2E "
+                                   "script does. Prints {\"bleu\", \"nist\", \"meteor\", \"rouge_l\", "
+                                   "\"cider\", \"n\"}; METEOR is null without Java.")
+    p.add_argument("--refs", required=True, metavar="CSV", help="E2E CSV with mr and ref columns")
+    p.add_argument("--hyp", required=True, metavar="TXT", help="system outputs, one line per MR")
+    p.set_defaults(func=cmd_score)

@@ -1,0 +1,259 @@
+"""``splitlora eval``: decode the test MRs with a run's adapter, score them, and the references' perplexity.
+
+One output per distinct MR, in order (references grouped by consecutive identical MR, as the
+official E2E scripts do: 630 MRs on the E2E test set). Decoding follows the LoRA/SplitLoRA E2E recipe:
+beam search with 10 beams, length penalty 0.8 and no repeated 4-grams. The run's adapter is loaded the
+way any PEFT user would load it: ``PeftModel.from_pretrained(base, DIR/adapter)``.
+
+A run folder after ``evaluate_run``::
+
+    DIR/predictions.txt   one output line per MR (written before scoring: never lost)
+    DIR/eval.json         bleu, nist, meteor, rouge_l, cider, perplexity, counts, timing
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data.batching import encode_all
+from ..data.e2e import Example
+from ..errors import UserError
+from .loss import perplexity, token_nll
+
+# ``--split`` -> the file of an E2E data folder that holds it
+SPLIT_FILES = {"test": "testset_w_refs.csv", "dev": "devset.csv"}
+LENGTH_PENALTY = 0.8  # the LoRA/SplitLoRA E2E recipe
+NO_REPEAT_NGRAM = 4
+METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+
+@dataclass
+class EvalSet:
+    """Distinct MRs, in order, with the references of each."""
+
+    mrs: list[str]
+    refs: list[list[str]]
+    source: str  # the CSV file read, or "synthetic"
+
+    def examples(self) -> list[Example]:
+        """Every (MR, reference) row, in order."""
+        return [Example(mr, ref) for mr, group in zip(self.mrs, self.refs) for ref in group]
+
+    def head(self, limit: int | None) -> "EvalSet":
+        if limit is None:
+            return self
+        return EvalSet(self.mrs[:limit], self.refs[:limit], self.source)
+
+
+# ---- which data -------------------------------------------------------------------------------
+
+def resolve_data(run_data: str, data: str | None, split: str) -> str | Path:
+    """``"synthetic"`` or the E2E CSV file to evaluate on.
+
+    ``data`` (``--data``) wins over the run's ``data``. A folder means its ``--split`` file
+    (``test``: ``testset_w_refs.csv``, ``dev``: ``devset.csv``). A file given as ``--data`` is used as
+    is. A file taken from the run's config is the training file: its ``--split`` file is looked up
+    next to it.
+    """
+    if split not in SPLIT_FILES:
+        raise UserError(f"split must be one of {', '.join(SPLIT_FILES)} (got {split!r})")
+    explicit = data is not None
+    source = data if explicit else run_data
+    if source == "synthetic":
+        return "synthetic"
+    path = Path(source).expanduser()
+    name = SPLIT_FILES[split]
+    if path.is_dir():
+        if not (path / name).is_file():
+            raise UserError(f"data folder {path} has no {name} (the --split {split} file): pass --data FILE")
+        return path / name
+    if explicit:
+        return path  # the reader gives the one-line error if it is missing or malformed
+    if not path.is_file():
+        raise UserError(f"the run's data {source!r} is not found from here: pass --data FILE")
+    if (path.parent / name).is_file():
+        return path.parent / name
+    raise UserError(f"the run trained on {path}; there is no {name} next to it: pass --data FILE")
+
+
+def group_all(examples: Sequence[Example]) -> tuple[list[str], list[list[str]]]:
+    """Group references by MR (every occurrence), MRs in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for ex in examples:
+        groups.setdefault(ex.mr, []).append(ex.ref)
+    return list(groups), list(groups.values())
+
+
+def load_eval_set(cfg: RunConfig, tokenizer, data: str | None = None, split: str = "test") -> EvalSet:
+    """The MRs and references to evaluate on (see :func:`resolve_data`).
+
+    For a synthetic run, the run's synthetic set is regenerated and its validation MRs are the test
+    set (for either split); they were never trained on. Every occurrence of an MR is grouped there.
+    """
+    source = resolve_data(cfg.data, data, split)
+    return synthetic_eval_set(cfg, tokenizer) if source == "synthetic" else csv_eval_set(source)
+
+
+def csv_eval_set(path: str | Path) -> EvalSet:
+    from .metrics import load_e2e_references
+
+    mrs, refs = load_e2e_references(path)
+    return EvalSet(mrs, refs, str(path))
+
+
+def synthetic_eval_set(cfg: RunConfig, tokenizer) -> EvalSet:
+    from ..data import prepare_data
+
+    synthetic = RunConfig.from_dict({**cfg.to_dict(), "data": "synthetic"})
+    val = prepare_data(synthetic, tokenizer).val_examples
+    if not val:
+        raise UserError("the run's synthetic data has no validation MRs (val_fraction is 0): pass --data FILE")
+    mrs, refs = group_all(val)
+    return EvalSet(mrs, refs, "synthetic")
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+def load_adapted(run_dir: Path, cfg: RunConfig, progress: bool = True):
+    """The run's base model with its saved adapter, through PEFT; and the tokenizer."""
+    from peft import PeftModel
+    from transformers.utils import logging as hf_logging
+
+    from ..models.loading import load_model
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir} has no adapter/ (adapter_config.json): is it a finished run folder?")
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    try:
+        loaded = load_model(cfg.model)
+        with warnings.catch_warnings():
+            # peft 0.21 reads a property that transformers 5 deprecates: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    return model, loaded.tokenizer
+
+
+def one_line(text: str) -> str:
+    """Stripped, with every run of whitespace (newlines included) made one space."""
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, beams: int = 10, max_new_tokens: int = 64,
+             batch_size: int = 8, length_penalty: float = LENGTH_PENALTY,
+             no_repeat_ngram_size: int = NO_REPEAT_NGRAM, progress: bool = True) -> list[str]:
+    """One output line per prompt: batched, left-padded, beam search (``beams=1``: greedy)."""
+    device = next(model.parameters()).device
+    options = dict(num_beams=beams, do_sample=False, max_new_tokens=max_new_tokens,
+                   no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if beams > 1:
+        options["length_penalty"] = length_penalty  # only beam search reads it
+    outputs: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    bar = tqdm(total=len(prompts), desc="generate", unit="MR", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            enc = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out = model.generate(**enc, **options)
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += [one_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+        bar.close()
+    return outputs
+
+
+def reference_perplexity(model, tokenizer, cfg: RunConfig, examples: Sequence[Example],
+                         batch_size: int = 8) -> float:
+    """Token-level perplexity of the references (completion tokens only, the run's prompt encoding)."""
+    items = encode_all(examples, tokenizer, cfg.prompt_template, cfg.max_length)
+    total, count = token_nll(model, items, tokenizer.pad_token_id, batch_size)
+    if not count:
+        return float("nan")
+    try:
+        return perplexity(total / count)
+    except OverflowError:  # a diverged adapter
+        return float("inf")
+
+
+# ---- the whole evaluation -------------------------------------------------------------------------
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test", limit: int | None = None,
+                 beams: int = 10, progress: bool = True, *, max_new_tokens: int = 64, batch_size: int = 8,
+                 device: str | None = None, show: bool = True) -> dict:
+    """Decode, score and write ``predictions.txt`` and ``eval.json`` to ``run_dir``; returns eval.json's dict."""
+    from ..train import resolve_device, setup_torch
+    from .metrics import score_corpus
+
+    run = Path(run_dir)
+    for name, value in (("limit", limit), ("beams", beams), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1 (got {value})")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml)")
+    cfg = RunConfig.load(run / "config.yaml")
+    source = resolve_data(cfg.data, data, split)
+    evalset = None if source == "synthetic" else csv_eval_set(source)  # bad data fails before the model loads
+    setup_torch(cfg)  # threads, seed, deterministic kernels
+    model, tokenizer = load_adapted(run, cfg, progress)
+    model.to(resolve_device(device or cfg.device))
+    evalset = (evalset or synthetic_eval_set(cfg, tokenizer)).head(limit)
+
+    t0 = time.perf_counter()
+    hyps = generate(model, tokenizer, [cfg.prompt_template.format(mr=mr) for mr in evalset.mrs], beams=beams,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    seconds_generate = time.perf_counter() - t0
+    (run / "predictions.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+
+    t0 = time.perf_counter()
+    examples = evalset.examples()
+    ppl = reference_perplexity(model, tokenizer, cfg, examples, batch_size=batch_size)
+    scores = score_corpus(hyps, evalset.refs)
+    seconds_score = time.perf_counter() - t0
+
+    result = {**{k: scores[k] for k in METRICS}, "perplexity": ppl if math.isfinite(ppl) else None,
+              "n_mrs": len(evalset.mrs), "n_refs": len(examples), "beams": beams, "seconds_generate": round(seconds_generate, 3),
+              "seconds_score": round(seconds_score, 3), "data": evalset.source, "split": split}
+    (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    if show:
+        print(format_table(result))
+        print(f"predictions: {run / 'predictions.txt'}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A small aligned table of the metrics and the counts."""
+    rows = [("BLEU", result["bleu"]), ("NIST", result["nist"]), ("METEOR", result["meteor"]),
+            ("ROUGE-L", result["rouge_l"]), ("CIDEr", result["cider"]), ("perplexity", result["perplexity"])]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name, value in rows:
+        shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {shown}")
+    lines.append(f"{result['n_mrs']} MRs, {result['n_refs']} references ({result['data']}, {result['split']}), "
+                 f"beam {result['beams']}; generate {result['seconds_generate']:.1f}s, "
+                 f"score {result['seconds_score']:.1f}s")
+    return "\n".join(lines)
