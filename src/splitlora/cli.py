@@ -124,7 +124,8 @@ def _register_optional() -> None:
             if exc.name != module:
                 raise
             continue
-        _EXTRA_COMMANDS.append(mod.register)
+        if mod.register not in _EXTRA_COMMANDS:
+            _EXTRA_COMMANDS.append(mod.register)
 
 
 def main(argv: list[str] | None = None) -> int:

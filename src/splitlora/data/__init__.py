@@ -8,7 +8,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..errors import UserError
-from .batching import Encoded, encode_all
+from .batching import Encoded, carries_loss, encode_all
 from .e2e import Example, load_e2e, synthetic_e2e
 from .partition import partition
 
@@ -42,11 +42,17 @@ def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
     val_ex = [ex for ex in examples if ex.mr in val_mrs]
     if not train_ex:
         raise UserError("no training examples left after the validation split")
+    # Drop examples whose completion max_length cuts away before partitioning, so indices line up.
+    encoded = encode_all(train_ex, tokenizer, cfg.prompt_template, cfg.max_length, drop_unlabelled=False)
+    keep = [i for i, item in enumerate(encoded) if carries_loss(item)]
+    if not keep:
+        raise UserError(f"max_length {cfg.max_length} leaves no completion tokens: every prompt fills it")
+    train_ex, train = [train_ex[i] for i in keep], [encoded[i] for i in keep]
     n_clients = 1 if cfg.algorithm == "cen" else cfg.clients
     key = cfg.partition_key
     indices = partition(len(train_ex), n_clients, cfg.partition, cfg.seed,
                         key_of=lambda i: train_ex[i].slots().get(key, ""))
     return PreparedData(
-        train=encode_all(train_ex, tokenizer, cfg.prompt_template, cfg.max_length),
+        train=train,
         val=encode_all(val_ex, tokenizer, cfg.prompt_template, cfg.max_length),
         client_indices=indices, train_examples=train_ex, val_examples=val_ex)

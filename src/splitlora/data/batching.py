@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .e2e import Example
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding), as in transformers
 
@@ -28,8 +32,25 @@ def encode(example: Example, tokenizer, template: str, max_length: int) -> Encod
     return Encoded(ids, labels)
 
 
-def encode_all(examples: Sequence[Example], tokenizer, template: str, max_length: int) -> list[Encoded]:
-    return [encode(ex, tokenizer, template, max_length) for ex in examples]
+def carries_loss(item: Encoded) -> bool:
+    """Whether any token is predicted with loss (labels are shifted by one in the loss)."""
+    return any(label != IGNORE for label in item.labels[1:])
+
+
+def encode_all(examples: Sequence[Example], tokenizer, template: str, max_length: int,
+               drop_unlabelled: bool = True) -> list[Encoded]:
+    """Encode ``examples``; those whose completion ``max_length`` cut away entirely carry no loss and
+    are dropped (a batch of only such rows would have a 0/0 loss)."""
+    encoded = [encode(ex, tokenizer, template, max_length) for ex in examples]
+    if not drop_unlabelled:
+        return encoded
+    kept = [e for e in encoded if carries_loss(e)]
+    if encoded and not kept:
+        raise UserError(f"max_length {max_length} leaves no completion tokens: every prompt fills it")
+    if len(kept) < len(encoded):
+        log.warning("dropped %d of %d examples whose completion does not fit in max_length %d",
+                    len(encoded) - len(kept), len(encoded), max_length)
+    return kept
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,510 @@
+"""Deployment over gRPC on 127.0.0.1: same adapter as `splitlora train`, security, faults.
+
+Every wait has a timeout and every process is killed in a finalizer. The two process tests run the
+real commands (`python -m splitlora.cli serve|client`); the others run the server in a thread.
+"""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from splitlora.transport import splitlora_pb2 as pb
+from splitlora.transport import splitlora_pb2_grpc as pb_grpc
+from splitlora.transport.grpc_server import CHECKPOINT_DIR
+from splitlora.transport.loopback import Loopback, run_loopback
+from splitlora.transport.wire import PROTOCOL_VERSION, from_chunks, tensor_to_proto, to_chunks
+
+STEPS = 14
+
+
+def deploy_config(**overrides):
+    base = dict(clients=3, steps=STEPS, aggregate_every=2, synthetic_examples=60, threads=1)
+    base.update(overrides)
+    return tiny_config(**base)
+
+
+def write_client_csvs(cfg, tokenizer, root: Path) -> list[Path]:
+    """Client i's share of the simulation's training data, in order, as its own CSV file."""
+    from splitlora.data import prepare_data
+
+    data = prepare_data(cfg, tokenizer)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, indices in enumerate(data.client_indices):
+        path = root / f"client_{i}.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["mr", "ref"])
+            for j in indices:
+                writer.writerow([data.train_examples[j].mr, data.train_examples[j].ref])
+        paths.append(path)
+    return paths
+
+
+def adapter(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def self_signed_cert(root: Path) -> tuple[Path, Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost: (cert, key, CA = the cert itself)."""
+    cert, key = root / "server.crt", root / "server.key"
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                               "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                               "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                              capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            pytest.skip("neither the cryptography package nor openssl can make a test certificate")
+        return cert, key, cert
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
+           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+           .not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                          critical=False)
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(pkey, hashes.SHA256()))
+    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return cert, key, cert
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2):
+    """The config, the clients' CSV files, and the adapter `splitlora train` makes in one process."""
+    from splitlora.train import train
+
+    root = tmp_path_factory.mktemp("deploy")
+    cfg = deploy_config()
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, root / "data")
+    result = train(cfg, root / "train", progress=False)
+    return cfg, csvs, result
+
+
+def same_rows(train_dir: Path, serve_dir: Path) -> bool:
+    """Loss, tokens and bytes of every step row agree between train's and serve's metrics.jsonl."""
+    keys = ("step", "loss", "lr", "tokens", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total")
+    rows = [[[r[k] for k in keys] for r in step_rows([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()])]
+            for d in (train_dir, serve_dir)]
+    assert rows[0] == rows[1]
+    return True
+
+
+def step_rows(records):
+    return [r for r in records if "event" not in r]
+
+
+def events(records, name):
+    return [r for r in records if r.get("event") == name]
+
+
+def test_each_side_holds_only_its_part(tmp_path):
+    """After start-up the server keeps blocks K.. (+ head), a client blocks ..K-1 (+ embeddings)."""
+    import gc
+    import weakref
+
+    from splitlora.data.e2e import load_e2e
+    from splitlora.models.loading import load_model
+    from splitlora.transport.grpc_client import ClientOptions, RemoteClient
+    from splitlora.transport.grpc_server import build_server_side, run_spec
+
+    cfg = deploy_config()
+    loaded = load_model(cfg.model)
+    h = loaded.model.transformer.h
+    first, last = weakref.ref(h[0].attn.c_attn.weight), weakref.ref(h[-1].attn.c_attn.weight)
+    side = build_server_side(cfg, loaded)
+    del loaded, h
+    gc.collect()
+    assert first() is None and last() is not None  # blocks below the cut are gone from the server
+    assert sorted(side.server.part.transformer.h.keys()) == ["2", "3"]
+    assert all(k.startswith(("transformer.h.0.", "transformer.h.1.")) for k in side.init_client_state)
+
+    data = tmp_path / "c.csv"
+    data.write_text("mr,ref\n\"name[Aromi]\",Aromi is a pub.\n")
+    client = RemoteClient(ClientOptions(server="127.0.0.1:1", client_id=0, token="t", data=str(data), progress=False))
+    loaded = load_model(cfg.model)
+    h = loaded.model.transformer.h
+    first, last = weakref.ref(h[0].attn.c_attn.weight), weakref.ref(h[-1].attn.c_attn.weight)
+    client._loaded, client.examples = loaded, load_e2e(data)  # what run() does before it connects
+    client._setup(pb.HelloReply(protocol_version=PROTOCOL_VERSION, run=run_spec(cfg), base_fingerprint=side.fingerprint))
+    del loaded, h
+    gc.collect()
+    assert first() is not None and last() is None  # blocks above the cut are gone from the client
+    assert sorted(client.client.part.transformer.h.keys()) == ["0", "1"]
+    client.channel.close()
+    client._bar.close()
+
+
+# ---- in one process (threads) ------------------------------------------------------------------
+
+def test_loopback_threads_matches_train(reference, tmp_path):
+    """run_loopback (the benchmark entry point) gives train's adapter and train's byte counts."""
+    cfg, csvs, result = reference
+    out = run_loopback(cfg, csvs, tmp_path / "loop", wire_dtype="fp32", mode="threads", timeout=240)
+    diff = max_abs_diff(adapter(result.adapter_dir), adapter(out["adapter_dir"]))
+    print(f"\nmax |adapter(loopback threads) - adapter(train)| = {diff:.3g}")
+    assert diff <= 1e-6
+    assert same_rows(result.out_dir, tmp_path / "loop/server")
+    assert out["steps"] == cfg.steps and out["tokens_per_s"] > 0
+
+
+def test_loopback_bf16_matches_the_simulation_at_bf16(tmp_path, tiny_gpt2):
+    from splitlora.train import train
+
+    cfg = deploy_config(steps=3, clients=2, wire_dtype="bf16")
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    sim = train(cfg, tmp_path / "train", progress=False)
+    out = run_loopback(cfg, csvs, tmp_path / "loop", mode="threads", timeout=240)
+    assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) <= 1e-6
+    fp32 = run_loopback(cfg, csvs, tmp_path / "loop32", wire_dtype="fp32", mode="threads", timeout=240)
+    assert same_rows(sim.out_dir, tmp_path / "loop/server")  # bytes counted as the simulation counts them
+    assert out["bytes_up_per_step"] < 0.75 * fp32["bytes_up_per_step"]
+    assert out["bytes_down_per_step"] < 0.75 * fp32["bytes_down_per_step"]
+
+
+class ThreadServer:
+    """`serve` in a thread of this process, for poking at it with hand-made messages."""
+
+    def __init__(self, cfg, out: Path, tokens: dict[int, str], **options):
+        from splitlora.transport.grpc_server import ServeOptions, serve
+
+        self.box, self.error, self.result = [], None, None
+        ready = threading.Event()
+        self.port = 0
+        opts = ServeOptions(tokens=tokens, listen="127.0.0.1:0", progress=False, handle_signals=False,
+                            join_timeout=120, **options)
+
+        def run():
+            try:
+                self.result = serve(cfg, opts, out, on_ready=lambda p: (setattr(self, "port", p), ready.set()),
+                                    coordinator_box=self.box)
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                self.error = exc
+                ready.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(120), "server did not start"
+        assert self.error is None, self.error
+        self.coord = self.box[0]
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.coord.request_stop("test over")
+            self.thread.join(30)
+
+
+def rpc(stub, method, msg, metadata, reply_cls, timeout=60):
+    responses = getattr(stub, method)(to_chunks(msg), metadata=metadata, timeout=timeout)
+    reply, _ = from_chunks(responses, reply_cls, 1 << 30)
+    for _ in responses:  # to the end of the call
+        pass
+    return reply
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
+    """Wrong/missing tokens: UNAUTHENTICATED. Malformed tensors: INVALID_ARGUMENT. The run goes on."""
+    from splitlora.transport.grpc_client import ClientOptions, RemoteClient
+
+    caplog.set_level("WARNING", logger="splitlora.transport.grpc_server")
+    cfg = deploy_config(clients=2, steps=4)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    tokens = {0: "token-zero-" + "x" * 20, 1: "token-one-" + "y" * 20}
+    server = ThreadServer(cfg, tmp_path / "server", tokens, client_timeout=60)
+    client_thread = None
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = pb_grpc.SplitLoRAStub(channel)
+        md0 = (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "0"))
+        hello = pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5)
+        for metadata in [(), (("authorization", f"Bearer {tokens[1]}"), ("splitlora-client-id", "0")),
+                         (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "7")),
+                         (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "zero")),
+                         (("authorization", tokens[0]), ("splitlora-client-id", "0"))]:
+            assert code_of(lambda: rpc(stub, "Hello", hello, metadata, pb.HelloReply)) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: stub.Leave(pb.Done(), timeout=30)) == grpc.StatusCode.UNAUTHENTICATED
+        assert server.coord.refused == 6
+        assert sum("refused" in r.getMessage() for r in caplog.records) == 6
+        assert not any(tokens[0] in r.getMessage() or tokens[1] in r.getMessage() for r in caplog.records)
+        bad_version = pb.HelloRequest(protocol_version=99, num_samples=5)
+        assert code_of(lambda: rpc(stub, "Hello", bad_version, md0, pb.HelloReply)) == grpc.StatusCode.FAILED_PRECONDITION
+
+        # The command line: a wrong token is one line on stderr and exit code 2.
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("not-the-token\n")
+        proc = subprocess.run([sys.executable, "-m", "splitlora.cli", "client", "--server", f"127.0.0.1:{server.port}",
+                               "--token-file", str(wrong), "--client-id", "0", "--data", str(csvs[0]), "--quiet",
+                               "--reconnect-timeout", "5"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errs) == 1 and "refused client 0" in errs[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+        # A real client 1, and a hand-made client 0 that sends garbage.
+        errors = []
+
+        def run_client():
+            try:
+                RemoteClient(ClientOptions(server=f"127.0.0.1:{server.port}", client_id=1, token=tokens[1],
+                                           data=str(csvs[1]), progress=False, reconnect_timeout=30),
+                             loaded=tiny_gpt2).run()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        client_thread = threading.Thread(target=run_client, daemon=True)
+        client_thread.start()
+        joined = rpc(stub, "Hello", pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5, join=True),
+                     md0, pb.HelloReply, timeout=120)
+        assert joined.session and joined.start_step == 0 and "tiny-gpt2" in joined.run.config_yaml
+        h = 64  # tiny-gpt2's hidden size
+        b, t = 2, 10
+
+        def step_msg(hidden=None, mask=None, labels=None, session=joined.session, step=0):
+            labels_t = torch.full((b, t), -100, dtype=torch.int32)
+            labels_t[:, 5:] = 11
+            return pb.ActivationsUp(
+                session=session, step=step,
+                hidden=hidden if hidden is not None else tensor_to_proto(torch.randn(b, t, h)),
+                attention_mask=mask if mask is not None else tensor_to_proto(torch.ones(b, t, dtype=torch.uint8)),
+                labels=labels if labels is not None else tensor_to_proto(labels_t))
+
+        def step_code(msg=None, chunks=None):
+            def call():
+                responses = stub.Step(iter(chunks) if chunks is not None else to_chunks(msg), metadata=md0, timeout=60)
+                from_chunks(responses, pb.GradientsDown, 1 << 30)
+            return code_of(call)
+
+        good = step_msg()
+        truncated = step_msg()
+        truncated.hidden.data = truncated.hidden.data[:-5]
+        nan = torch.randn(b, t, h)
+        nan[0, 0, 0] = float("nan")
+        whole = good.SerializeToString()
+        invalid = {
+            "wrong shape": step_msg(hidden=tensor_to_proto(torch.randn(b, t, h + 1))),
+            "wrong dtype": step_msg(hidden=tensor_to_proto(torch.randn(b, t, h).half())),
+            "truncated bytes": truncated,
+            "too long": step_msg(hidden=tensor_to_proto(torch.randn(b, cfg.max_length + 1, h))),
+            "too many rows": step_msg(hidden=tensor_to_proto(torch.randn(cfg.batch_size + 1, t, h))),
+            "nan": step_msg(hidden=tensor_to_proto(nan)),
+            "labels out of vocabulary": step_msg(labels=tensor_to_proto(torch.full((b, t), 10 ** 6, dtype=torch.int32))),
+            "mask not right-padded": step_msg(mask=tensor_to_proto(torch.tensor([[0] * 5 + [1] * 5] * b, dtype=torch.uint8))),
+        }
+        for name, msg in invalid.items():
+            assert step_code(msg) == grpc.StatusCode.INVALID_ARGUMENT, name
+        framing = {
+            "oversized": [pb.Chunk(data=whole[:1000], total_bytes=1 << 30)],
+            "truncated stream": [pb.Chunk(data=whole[:1000], total_bytes=len(whole))],
+            "not protobuf": [pb.Chunk(data=b"\xff" * 64, total_bytes=64)],
+        }
+        for name, chunks in framing.items():
+            assert step_code(chunks=chunks) == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert step_code(step_msg(session=joined.session + 1)) == grpc.StatusCode.ABORTED
+        assert step_code(step_msg(step=3)) == grpc.StatusCode.ABORTED
+        assert server.coord.invalid == len(invalid) + len(framing)
+        assert server.coord.step == 0 and client_thread.is_alive()  # nothing bad reached the model
+
+        # Client 0 leaves; the run finishes with client 1, and the shared adapter is sound.
+        stub.Leave(pb.Done(session=joined.session, error="test client leaving"), metadata=md0, timeout=30)
+        client_thread.join(180)
+        server.thread.join(180)
+        assert not errors, errors
+        assert server.error is None, server.error
+        assert server.result.finished and server.result.steps_done == cfg.steps
+        state = adapter(server.result.adapter_dir)
+        assert all(torch.isfinite(v).all() for v in state.values())
+        records = [json.loads(x) for x in (tmp_path / "server/metrics.jsonl").read_text().splitlines()]
+        assert events(records, "drop")[0]["client"] == 0
+        assert all(r["clients"] == 1 for r in step_rows(records))
+        # Nothing of a client's data is on the server's disk: its outputs are exactly these.
+        names = {p.relative_to(tmp_path / "server").as_posix() for p in (tmp_path / "server").rglob("*") if p.is_file()}
+        names = {n for n in names if not n.startswith("tensorboard/")}
+        assert names == {"config.yaml", "metrics.jsonl", "metrics.csv", "endpoint", "adapter/adapter_config.json",
+                         "adapter/adapter_model.safetensors", f"{CHECKPOINT_DIR}/state.pt"}
+        channel.close()
+    finally:
+        server.stop()
+        if client_thread is not None:
+            client_thread.join(30)
+
+
+def test_stalled_client_is_dropped(tmp_path, tiny_gpt2):
+    """A client that joins and then sends nothing is dropped after --client-timeout; the run goes on."""
+    from splitlora.transport.grpc_client import ClientOptions, RemoteClient
+
+    cfg = deploy_config(clients=2, steps=3)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    tokens = {0: "t0-" + "a" * 30, 1: "t1-" + "b" * 30}
+    server = ThreadServer(cfg, tmp_path / "server", tokens, client_timeout=2)
+    errors = []
+
+    def run_client():
+        try:
+            RemoteClient(ClientOptions(server=f"127.0.0.1:{server.port}", client_id=1, token=tokens[1],
+                                       data=str(csvs[1]), progress=False, reconnect_timeout=30), loaded=tiny_gpt2).run()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    client = threading.Thread(target=run_client, daemon=True)
+    try:
+        client.start()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            md0 = (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "0"))
+            hello = pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5, join=True)
+            joined = rpc(pb_grpc.SplitLoRAStub(channel), "Hello", hello, md0, pb.HelloReply, timeout=120)
+            assert joined.session  # ... and then silence
+            client.join(180)
+            server.thread.join(60)
+        assert not errors and server.error is None, (errors, server.error)
+        records = [json.loads(x) for x in (tmp_path / "server/metrics.jsonl").read_text().splitlines()]
+        (drop,) = events(records, "drop")
+        assert drop["client"] == 0 and drop["step"] == 0 and "within 2s" in drop["reason"]
+        assert [r["clients"] for r in step_rows(records)] == [1] * cfg.steps
+    finally:
+        server.stop()
+        client.join(30)
+
+
+# ---- separate processes ---------------------------------------------------------------------------
+
+@pytest.fixture
+def loopback(reference, tmp_path):
+    made = []
+
+    def make(**kwargs):
+        cfg, csvs, _ = reference
+        lb = Loopback(cfg, csvs, tmp_path / f"lb{len(made)}", **kwargs)
+        made.append(lb)
+        return lb
+
+    yield make
+    for lb in made:
+        lb.close()
+
+
+def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_path):
+    """Server + 3 client processes over TLS. Ctrl-C on the server stops it at the end of the round with a
+    checkpoint; --resume continues; SIGKILL after a later checkpoint; --resume finishes the run. The
+    adapter equals `splitlora train`'s: no step lost, none applied twice."""
+    cfg, csvs, result = reference
+    lb = loopback(tls=self_signed_cert(tmp_path))
+    serve_args = ("--client-timeout", "60", "--join-timeout", "120")
+    lb.start_server(*serve_args)
+    endpoint = lb.endpoint()
+    for i in range(len(csvs)):
+        lb.start_client(i, "--reconnect-timeout", "120", endpoint=endpoint)
+
+    lb.wait_for(lambda rs: step_rows(rs), timeout=150, what="the first step")
+    lb.server.send_signal(signal.SIGINT)  # Ctrl-C
+    assert lb.wait(lb.server, 60, "interrupted server") == 130, lb.tail("server.log")
+    assert "interrupted" in lb.tail("server.log")
+    records = lb.metrics()
+    stopped = step_rows(records)[-1]["step"]
+    assert stopped % cfg.aggregate_every == 0 and stopped < cfg.steps
+    assert events(records, "checkpoint")[-1]["step"] == stopped
+    assert (lb.server_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    lb.start_server(*serve_args, resume=True, listen=endpoint)
+    lb.wait_for(lambda rs: any(c["step"] > stopped for c in events(rs, "checkpoint"))
+                and step_rows(rs)[-1]["step"] > events(rs, "checkpoint")[-1]["step"],
+                timeout=120, what="a step after a checkpoint of the resumed server")
+    lb.kill(lb.server, signal.SIGKILL)  # a crash: the checkpoint on disk is all that is left
+    killed = step_rows(lb.metrics())[-1]["step"]
+    assert killed < cfg.steps, "the run finished before the kill; make it longer"
+
+    lb.start_server(*serve_args, resume=True, listen=endpoint)
+    assert lb.wait(lb.server, 180, "resumed server") == 0, lb.tail("server.log")
+    for i, proc in lb.clients.items():
+        assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(f"client{i}.log")
+    records = lb.metrics()
+    assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
+    assert len(events(records, "resume")) == 2
+    diff = max_abs_diff(adapter(result.adapter_dir), adapter(lb.server_dir / "adapter"))
+    print(f"\nmax |adapter(serve + 3 client processes over TLS, Ctrl-C at step {stopped}, SIGKILL at step "
+          f"{killed}, resumed twice) - adapter(train)| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
+def test_processes_client_killed_mid_round_rejoins(tmp_path, tiny_gpt2):
+    """A client process killed mid-round is dropped; the round goes on without it; restarted, it rejoins."""
+    cfg = deploy_config(clients=2)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    with Loopback(cfg, csvs, tmp_path / "lb") as lb:
+        lb.start_server("--client-timeout", "8", "--join-timeout", "120", "--min-clients", "2")
+        endpoint = lb.endpoint()
+        for i in range(len(csvs)):
+            lb.start_client(i, "--reconnect-timeout", "120", endpoint=endpoint)
+        lb.wait_for(lambda rs: events(rs, "aggregate"), timeout=150, what="the first round")
+        lb.kill(lb.clients[1], signal.SIGKILL)
+        records = lb.wait_for(lambda rs: any(e["client"] == 1 for e in events(rs, "drop")), timeout=60,
+                              what="client 1 dropped")
+        dropped_at = [e for e in events(records, "drop") if e["client"] == 1][0]["step"]
+        lb.start_client(1, "--reconnect-timeout", "120", endpoint=endpoint)
+        assert lb.wait(lb.server, 180, "server") == 0, lb.tail("server.log")
+        for i, proc in lb.clients.items():
+            assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(f"client{i}.log")
+        records = lb.metrics()
+    rejoined_at = [e for e in events(records, "join") if e["client"] == 1][-1]["step"]
+    assert 0 < dropped_at <= rejoined_at < cfg.steps
+    assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
+    assert all(r["clients"] == 2 for r in step_rows(records) if r["step"] <= dropped_at)
+    assert events(records, "aggregate")[-1]["clients"] == 2  # the restarted client is in the last round
+    assert all(torch.isfinite(v).all() for v in adapter(tmp_path / "lb/server/adapter").values())
+
+
+def test_serve_and_client_bad_input(tmp_path, capsys, monkeypatch):
+    from splitlora import cli
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("0 abc\n")
+    cases = [
+        (["serve", "--token-file", str(tmp_path / "none")], "token file not found"),
+        (["serve", "--token-file", str(tokens), "--model", "tiny-gpt2", "--clients", "2"], "lists 1 clients"),
+        (["serve", "--token-file", str(tokens), "--clients", "1", "--listen", "nowhere"], "HOST:PORT"),
+        (["serve", "--token-file", str(tokens), "--clients", "1", "--tls-cert", str(tokens)], "PEM"),
+        (["serve", "--token-file", str(tokens), "--clients", "1", "--min-clients", "2"], "--min-clients"),
+        (["serve", "--token-file", str(tokens), "--clients", "1", "--resume", "--out", str(tmp_path / "o")],
+         "no checkpoint"),
+        (["client", "--server", "127.0.0.1:1", "--token-file", str(tokens), "--client-id", "0",
+          "--data", str(tmp_path / "none.csv")], "data file not found"),
+        (["client", "--server", "127.0.0.1", "--token-file", str(tokens), "--client-id", "0",
+          "--data", str(tokens)], "HOST:PORT"),
+    ]
+    for argv, needle in cases:
+        monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [])  # main() registers the subcommands on every call
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("error:") and needle in err[-1], (argv, err)
