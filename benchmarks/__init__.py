@@ -1,0 +1,1 @@
+"""``python -m benchmarks NAME``: a thin wrapper; the code is ``splitlora.bench`` (installed with the package)."""

@@ -1,0 +1,193 @@
+"""A latency model: measured FLOPs and bytes of each training step -> simulated wall time.
+
+Simulation runs every party on one machine, so its wall clock says nothing about a deployment in
+which clients are edge devices, the main server is a data-centre GPU and the two talk over a WAN.
+This module turns what a step *did* (FLOPs each party computed, bytes each message carried, measured
+on a real step) into the time that step would take on such a deployment.
+
+The model (every constant is a field of :class:`LatencyModel`):
+
+* computing ``F`` FLOPs takes ``F / client_flops`` seconds on a client and ``F / server_flops`` on
+  the main server (effective, i.e. achieved, FLOP/s, not the data-sheet peak);
+* one message of ``n`` bytes takes ``message_latency_s + 8 n / uplink_bps`` seconds client -> server
+  and ``message_latency_s + 8 n / downlink_bps`` back; every client has its own link, so messages of
+  different clients overlap (the server's ingress is not the bottleneck);
+* a step follows the algorithm's schedule (:meth:`LatencyModel.step_time`):
+
+  - ``cen``: the server runs the whole step on pooled data: ``F_whole / server_flops``
+    (the data is assumed to be on the server already: the privacy-free upper bound);
+  - ``fed``: every client runs its whole-model step in parallel: ``max_i F_i / client_flops``;
+  - ``splitlora`` and ``sl``: per client ``i`` (all clients at once; ``sl`` has one per step)
+    ``fwd_i / client_flops``, the activations up, the server's part, the gradient down, then
+    ``bwd_i / client_flops``. The server serves one client batch at a time, in client-id order
+    (``server_mode: sequential``; with ``batched`` it waits for every client and runs once), so
+    client ``i``'s server work starts at ``max(arrival_i, server free)``. The step ends when the
+    last client's backward ends.
+  - Synchronisation (FedAvg of adapters every I steps, or ``sl``'s hand-over of the client-side
+    adapter) is appended: ``max_i up(u_i) + max_i down(d_i)`` over the clients that send/receive.
+
+Step time is the sum of those; a run's simulated time is the sum over its steps. The defaults
+describe an edge client with a few TFLOP/s of usable compute, one data-centre GPU as the server,
+100 Mbit/s links each way and 20 ms per message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass
+class ClientWork:
+    """What one client (or fed party) did in one step. FLOPs are counted, bytes are on the wire."""
+
+    client: int
+    fwd_flops: float = 0.0  # split: client forward to the cut
+    bwd_flops: float = 0.0  # split: client backward from the cut (and its optimiser step)
+    whole_flops: float = 0.0  # fed: the whole local step on the client
+    server_flops: float = 0.0  # split: the server's forward/backward for this client's batch
+    up_bytes: int = 0  # split: activations, mask and labels
+    down_bytes: int = 0  # split: gradient at the cut
+
+
+@dataclass
+class StepTrace:
+    """One training step of one algorithm, as measured (see ``splitlora.bench.trace``)."""
+
+    algorithm: str
+    clients: list[ClientWork] = field(default_factory=list)
+    server_whole_flops: float = 0.0  # cen: the whole step, run by the server
+    sync_up_bytes: list[int] = field(default_factory=list)  # one entry per sending client
+    sync_down_bytes: list[int] = field(default_factory=list)  # one entry per receiving client
+    batched_server: bool = False  # splitlora server_mode "batched": one server call for all clients
+    samples: int = 0
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "StepTrace":
+        raw = dict(raw)
+        raw["clients"] = [ClientWork(**c) for c in raw.get("clients", [])]
+        return cls(**raw)
+
+    # totals, for tables
+    @property
+    def client_flops(self) -> float:
+        return sum(c.fwd_flops + c.bwd_flops + c.whole_flops for c in self.clients)
+
+    @property
+    def server_flops(self) -> float:
+        return self.server_whole_flops + sum(c.server_flops for c in self.clients)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(c.up_bytes for c in self.clients) + sum(self.sync_up_bytes)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(c.down_bytes for c in self.clients) + sum(self.sync_down_bytes)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Effective compute of each side, link bandwidths and per-message latency (see module doc)."""
+
+    client_flops: float = 4e12  # an edge client (a laptop/Jetson-class GPU) achieving 4 TFLOP/s
+    server_flops: float = 100e12  # a data-centre GPU achieving 100 TFLOP/s
+    uplink_bps: float = 100e6  # 100 Mbit/s client -> server
+    downlink_bps: float = 100e6  # 100 Mbit/s server -> client
+    message_latency_s: float = 0.02  # 20 ms per message, each way
+
+    def __post_init__(self):
+        for name in ("client_flops", "server_flops", "uplink_bps", "downlink_bps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.message_latency_s < 0:
+            raise ValueError(f"message_latency_s must be >= 0 (got {self.message_latency_s})")
+
+    def with_(self, **changes) -> "LatencyModel":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # ---- primitives --------------------------------------------------------------------------
+    def client_s(self, flops: float) -> float:
+        return flops / self.client_flops
+
+    def server_s(self, flops: float) -> float:
+        return flops / self.server_flops
+
+    def up_s(self, nbytes: int) -> float:
+        """One message client -> server."""
+        return self.message_latency_s + 8.0 * nbytes / self.uplink_bps
+
+    def down_s(self, nbytes: int) -> float:
+        """One message server -> client."""
+        return self.message_latency_s + 8.0 * nbytes / self.downlink_bps
+
+    # ---- one step ------------------------------------------------------------------------------
+    def compute_time(self, step: StepTrace) -> float:
+        """The step without its synchronisation phase."""
+        if step.algorithm == "cen":
+            return self.server_s(step.server_whole_flops)
+        if step.algorithm == "fed":
+            return max((self.client_s(c.whole_flops) for c in step.clients), default=0.0)
+        if step.algorithm in ("splitlora", "sl"):
+            return self._split_time(step)
+        raise ValueError(f"unknown algorithm {step.algorithm!r}")
+
+    def sync_time(self, step: StepTrace) -> float:
+        up = max((self.up_s(b) for b in step.sync_up_bytes if b > 0), default=0.0)
+        down = max((self.down_s(b) for b in step.sync_down_bytes if b > 0), default=0.0)
+        return up + down
+
+    def step_time(self, step: StepTrace) -> float:
+        return self.compute_time(step) + self.sync_time(step)
+
+    def run_time(self, steps) -> float:
+        return sum(self.step_time(s) for s in steps)
+
+    def cumulative(self, steps) -> list[float]:
+        """Simulated time at the end of each step."""
+        out, total = [], 0.0
+        for s in steps:
+            total += self.step_time(s)
+            out.append(total)
+        return out
+
+    def _split_time(self, step: StepTrace) -> float:
+        clients = sorted(step.clients, key=lambda c: c.client)
+        if not clients:
+            return 0.0
+        arrivals = [self.client_s(c.fwd_flops) + self.up_s(c.up_bytes) for c in clients]
+        if step.batched_server:
+            done = max(arrivals) + self.server_s(sum(c.server_flops for c in clients))
+            served = [done] * len(clients)
+        else:
+            served, free = [], 0.0
+            for c, arrival in zip(clients, arrivals):  # the server takes batches in client-id order
+                free = max(arrival, free) + self.server_s(c.server_flops)
+                served.append(free)
+        return max(t + self.down_s(c.down_bytes) + self.client_s(c.bwd_flops) for c, t in zip(clients, served))
+
+
+def time_to_target(times: list[float], losses: list[float], target: float) -> float | None:
+    """The first time at which ``losses`` (evaluated at ``times``) is at or below ``target``.
+
+    Validation is only known where it was evaluated, so this is the first such point (no
+    interpolation: an upper bound on the true crossing time). ``None`` when never reached.
+    """
+    for t, loss in zip(times, losses):
+        if loss is not None and loss <= target:
+            return t
+    return None
+
+
+# Scenarios reported next to the defaults (what changes when the edge client is weaker, or the link faster).
+SCENARIOS: dict[str, LatencyModel] = {
+    "default": LatencyModel(),
+    "weak-client": LatencyModel(client_flops=0.5e12),
+    "fast-link": LatencyModel(uplink_bps=1e9, downlink_bps=1e9, message_latency_s=0.005),
+}

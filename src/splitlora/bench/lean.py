@@ -1,0 +1,137 @@
+"""Load only the weights one side of the cut holds, with no whole-model transient.
+
+``load_model`` materialises the whole model, which is right for simulation but hides what a client
+process would need. Here the model skeleton is built on the ``meta`` device (no memory), the part
+is cut from it (``make_part``), and only that part's tensors are read from the safetensors file,
+with plain file reads straight into their final buffers (no mmap, so no file pages are counted in
+the process's memory). Non-persistent buffers (rotary frequencies) are recomputed as transformers
+itself does after a meta-device load.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import UserError
+from ..models.loading import resolve_model
+from ..models.split import make_part
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SafetensorsIndex:
+    """Where each tensor of a (possibly sharded) safetensors checkpoint lives."""
+
+    def __init__(self, model_dir: Path):
+        single = model_dir / "model.safetensors"
+        index = model_dir / "model.safetensors.index.json"
+        if single.is_file():
+            files = [single]
+        elif index.is_file():
+            files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            raise UserError(f"{model_dir} holds no safetensors weights (lean loading needs them)")
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for key, meta in header.items():
+                self.where[key] = (f, 8 + n, meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def read(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        path, base, meta = self.where[key]
+        begin, end = meta["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with path.open("rb", buffering=0) as fh:
+            fh.seek(base + begin)
+            view, got = memoryview(raw.numpy()), 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise UserError(f"{path} is truncated (tensor {key})")
+                got += n
+        t = raw.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+
+
+def lean_skeleton(name: str):
+    """``(meta_model, tokenizer, index)``: the whole model on the meta device (no memory) and its weights' index."""
+    where = resolve_model(name)
+    if not Path(str(where)).is_dir():
+        raise UserError(f"lean loading needs a local model directory; {name!r} resolved to {where}")
+    model_dir = Path(str(where))
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, SafetensorsIndex(model_dir)
+
+
+def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: int) -> nn.Module:
+    """``side`` ("client", "server" or "whole") of the meta ``model`` with real, frozen weights.
+
+    Module names are those of the whole model, so LoRA configs and keys are the engine's.
+    """
+    part = model if side == "whole" else make_part(model, side, cut)
+    materialise(part, model, index)
+    part.requires_grad_(False)
+    return part
+
+
+def lean_load(name: str, side: str, cut: int):
+    """``(part, tokenizer)`` in one call."""
+    model, tok, index = lean_skeleton(name)
+    return lean_part(model, index, side, cut), tok
+
+
+def materialise(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> None:
+    """Replace ``part``'s meta parameters by tensors read from ``index`` (ties preserved)."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in whole.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for name, b in whole.named_buffers(remove_duplicate=False):
+        aliases.setdefault(id(b), []).append(name)
+    done: dict[int, torch.Tensor] = {}
+    rebuild: list[nn.Module] = []
+    for module in part.modules():
+        for key, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in done:
+                names = [n for n in aliases.get(id(p), []) if n in index]
+                if not names:
+                    raise UserError(f"no weights for {aliases.get(id(p), ['?'])[0]} in the checkpoint")
+                done[id(p)] = nn.Parameter(index.read(names[0], p.dtype), requires_grad=False)
+            module._parameters[key] = done[id(p)]
+        for key, b in list(module._buffers.items()):
+            if b is None or not b.is_meta:
+                continue
+            if id(b) not in done:
+                names = [n for n in aliases.get(id(b), []) if n in index]
+                done[id(b)] = index.read(names[0], b.dtype) if names else torch.empty_like(b, device="cpu")
+                if not names and module not in rebuild:
+                    rebuild.append(module)
+            module._buffers[key] = done[id(b)]
+    for module in rebuild:  # non-persistent buffers: computed, as transformers does after a meta load
+        whole._init_weights(module)
+    left = [n for n, t in (*part.named_parameters(), *part.named_buffers()) if t.is_meta]
+    if left:
+        raise UserError(f"could not materialise {left[0]} (and {len(left) - 1} more)")

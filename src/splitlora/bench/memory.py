@@ -1,0 +1,109 @@
+"""Client memory: peak memory of the client side alone vs the whole model, for several cut layers.
+
+Why the split exists: a data owner should not need the memory of the whole model. Each row is a
+fresh process (:mod:`splitlora.bench.memproc`) that reads only the weights it holds: ``client``
+(embeddings + blocks 0..K-1 + client LoRA, trained against a fake upstream gradient), ``server``
+(blocks K..L-1, norm, head + server LoRA, fed random activations) and ``cen`` (the whole model, the
+engine's cen algorithm). Same batch, data and LoRA settings for all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .common import BenchResult, Options, Table, Target, apply_sets, log, plot_path, pyplot
+from .memproc import ProbeSpec, probe_all
+from .scale import memory_key
+
+NAME = "memory"
+
+
+@dataclass
+class Settings:
+    model: str = "smollm2-135m"
+    cuts: list[int] = field(default_factory=lambda: [1, 2, 4])
+    server_cuts: list[int] = field(default_factory=lambda: [2])
+    batch_size: int = 8
+    max_length: int = 128
+    warmup_steps: int = 1
+    steps: int = 2
+    target_cut: int = 2
+    target_fraction: float = 0.40
+    parallel_probes: int = 1  # probes at a time (memory is per process; >1 only shortens smoke runs)
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        return cls(model="tiny-gpt2", cuts=[2], server_cuts=[], batch_size=2, max_length=64, steps=1,
+                   parallel_probes=2)
+
+
+def run(opts: Options) -> BenchResult:
+    s = apply_sets(Settings.quick() if opts.quick else Settings(), opts.sets, NAME)
+    result = BenchResult(NAME, f"Client memory: client side alone vs the whole model ({s.model})", asdict(s))
+    key, label = memory_key(opts)
+    configs = [("cen", s.target_cut, {"cuts": "none", "server_cuts": "none"})]
+    configs += [("client", k, {"cuts": k, "server_cuts": "none"}) for k in s.cuts]
+    configs += [("server", k, {"cuts": "none", "server_cuts": k}) for k in s.server_cuts]
+    specs = [ProbeSpec(role=role, model=s.model, cut=cut, batch_size=s.batch_size, max_length=s.max_length,
+                       warmup=s.warmup_steps, steps=s.steps, threads=opts.threads, device=opts.device)
+             for role, cut, _ in configs]
+    rows = []
+    for (role, cut, sets), r in zip(configs, probe_all(specs, s.parallel_probes)):
+        rows.append({"side": "whole (cen)" if role == "cen" else role, "cut": None if role == "cen" else cut,
+                     **{k: v for k, v in r.items() if k != "spec"}, "command": opts.command(NAME, sets)})
+        if opts.progress:
+            log(f"[memory] {role} cut {cut}: peak RSS {r['peak_rss_mib']:.0f} MiB "
+                f"({r['peak_above_baseline_mib']:.0f} above baseline), tensors {r['tensors_mib']:.0f} MiB")
+    cen = rows[0]
+    for row in rows:
+        row["vs_cen"] = row[key] / cen[key] if cen[key] else None
+        row["tensors_vs_cen"] = row["tensors_mib"] / cen["tensors_mib"]
+        row["rss_vs_cen"] = row["peak_rss_mib"] / cen["peak_rss_mib"]
+    target_row = next((r for r in rows if r["side"] == "client" and r["cut"] == s.target_cut), None)
+    if target_row is not None:
+        result.targets.append(Target(
+            f"client side at cut {s.target_cut} / cen ({label})", target_row["vs_cen"], s.target_fraction, "<=",
+            note=f"tensor bytes {target_row['tensors_vs_cen']:.3f}, total peak RSS {target_row['rss_vs_cen']:.3f}"))
+    cols = [("side", "side", ""), ("cut", "cut", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
+            ("peak_above_baseline_mib", "above baseline MiB", ",.0f"), ("weights_mib", "weights MiB", ",.0f"),
+            ("activations_peak_mib", "activations MiB", ",.0f"), ("tensors_mib", "tensors MiB", ",.0f"),
+            ("vs_cen", "vs cen", ".3f"), ("tensors_vs_cen", "tensors vs cen", ".3f")]
+    if key == "cuda_peak_mib":
+        cols.insert(4, ("cuda_peak_mib", "CUDA peak MiB", ",.0f"))
+    result.tables.append(Table("", cols + [("command", "command", "code")], rows))
+    result.tables.append(Table("Probe commands (one fresh process per row)",
+                               [("side", "side", ""), ("cut", "cut", ""), ("probe_command", "probe", "code")], rows))
+    result.notes += [
+        f"batch {s.batch_size}, max_length {s.max_length}, synthetic data, LoRA r=8; {s.warmup_steps} warm-up "
+        f"step(s) + {s.steps} step(s). 'vs cen' compares {label}.",
+        "baseline = resident memory after imports, tokenizer and data, before any weight is read; it is the "
+        "same for every role (interpreter + torch + transformers) and is excluded from 'above baseline'.",
+        "tensors = unique bytes of weights held + LoRA + AdamW state + peak bytes of tensors saved for "
+        "backward (activations) alive at once.",
+        "Tied embeddings: with tie_word_embeddings (SmolLM2, GPT-2) the vocabulary matrix is both the "
+        "client's input embedding and the server's LM head, so BOTH sides hold a copy of it; for "
+        "smollm2-135m that is 49152 x 576 fp32 = 108 MiB of the client's weights at any cut.",
+    ]
+    result.plots.append(_plot(rows, key, label, s, opts))
+    return result
+
+
+def _plot(rows, key, label, s: Settings, opts: Options) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    names = [r["side"] if r["cut"] is None else f"{r['side']}\ncut {r['cut']}" for r in rows]
+    xs = range(len(rows))
+    w = 0.38
+    ax.bar([i - w / 2 for i in xs], [r[key] for r in rows], w, label=label)
+    ax.bar([i + w / 2 for i in xs], [r["tensors_mib"] for r in rows], w, label="tensors (weights+state+activations)")
+    ax.axhline(rows[0][key] * s.target_fraction, ls="--", c="grey", lw=1,
+               label=f"{s.target_fraction:.0%} of cen")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("MiB")
+    ax.set_title(f"peak memory by side, {s.model}, batch {s.batch_size}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = plot_path(opts, "memory")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

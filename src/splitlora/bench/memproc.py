@@ -1,0 +1,311 @@
+"""A memory probe: one configuration in a fresh process, reporting its peak memory as JSON.
+
+Run as ``python -m splitlora.bench.memproc '{"role": "client", "model": "smollm2-135m", "cut": 2}'``.
+The last line of stdout is ``MEMPROBE {json}``.
+
+Roles: ``cen`` (the engine's cen algorithm), ``splitlora`` (the engine's splitlora with ``clients``
+simulated clients sharing one base model), ``client`` (only the client side: embeddings and blocks
+0..K-1 with LoRA, trained against a fake upstream gradient), ``server`` (only the server side, fed
+random activations). Every role loads exactly the weights it holds (:mod:`splitlora.bench.lean`),
+so no whole-model load transient is in its peak.
+
+Memory reported:
+
+* ``peak_rss_mib``: the process's peak resident set (``VmHWM``, else ``ru_maxrss``);
+* ``baseline_rss_mib``: resident set after imports, tokenizer and data, before any weight is read:
+  the interpreter, torch and transformers (the same for every role);
+* ``peak_above_baseline_mib``: the difference: what this role's model, adapters, optimiser and
+  activations cost;
+* the tensor accounting: unique bytes of weights held, LoRA + AdamW state bytes, and the peak bytes of
+  tensors saved for backward (activations) alive at one time;
+* on CUDA, ``cuda_peak_mib`` (``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PREFIX = "MEMPROBE "
+
+
+@dataclass
+class ProbeSpec:
+    role: str = "cen"  # cen | splitlora | client | server
+    model: str = "tiny-gpt2"
+    cut: int = 2
+    clients: int = 1
+    batch_size: int = 8
+    max_length: int = 128
+    warmup: int = 1
+    steps: int = 2
+    threads: int = 0
+    device: str = "cpu"
+    seed: int = 0
+    server_mode: str = "sequential"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "splitlora.bench.memproc", json.dumps(asdict(self), separators=(",", ":"))]
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float:
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    kib = _status_kib("VmHWM")
+    if kib is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kib = kib / 1024 if sys.platform == "darwin" else kib
+    return kib / 1024
+
+
+class SavedTensorMeter:
+    """Peak bytes of tensors autograd saves for backward that are alive at once (weights excluded)."""
+
+    def __init__(self, exclude_ptrs: set[int]):
+        self.exclude = exclude_ptrs
+        self.alive: dict[int, list[int]] = {}  # storage ptr -> [nbytes, live tensor count]
+        self.current = self.peak = 0
+
+    def pack(self, t):
+        import torch
+
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return t
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude or ptr == 0:
+            return t
+        entry = self.alive.get(ptr)
+        if entry is None:
+            entry = self.alive[ptr] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        weakref.finalize(t, self._release, ptr)
+        return t
+
+    def _release(self, ptr: int) -> None:
+        entry = self.alive.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            self.current -= entry[0]
+            del self.alive[ptr]
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+
+def _storages(tensors) -> dict[int, int]:
+    out = {}
+    for t in tensors:
+        if t is not None and t.device.type != "meta":
+            s = t.untyped_storage()
+            out[s.data_ptr()] = s.nbytes()
+    return out
+
+
+def _modules_and_optimizers(obj, depth: int = 0, seen=None):
+    """nn.Modules (parts) and torch optimisers reachable from an engine object."""
+    import torch
+    from torch import nn
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 5:
+        return [], []
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        return [obj], []
+    if isinstance(obj, torch.optim.Optimizer):
+        return [], [obj]
+    mods, opts = [], []
+    if isinstance(obj, (list, tuple)):
+        values = obj if len(obj) <= 256 else []  # parties, not data
+    else:
+        values = vars(obj).values() if hasattr(obj, "__dict__") else []
+    for v in values:
+        if isinstance(v, (list, tuple, nn.Module, torch.optim.Optimizer)) or hasattr(v, "__dict__"):
+            if isinstance(v, (str, bytes, int, float)):
+                continue
+            m, o = _modules_and_optimizers(v, depth + 1, seen)
+            mods += m
+            opts += o
+    return mods, opts
+
+
+def run_probe(spec: ProbeSpec) -> dict:
+    import torch
+
+    from ..config import RunConfig
+    from ..data import prepare_data
+    from ..data.batching import BatchStream
+    from ..models.lora import add_lora, side_lora_config
+    from ..models.split import architecture_of, check_cut
+    from ..train import setup_torch
+    from ..transport.inprocess import InProcessLink
+    from ..transport.messages import Activations, Gradients
+    from .harness import quiet_transformers
+    from .lean import lean_part, lean_skeleton
+
+    quiet_transformers()
+    cuda = spec.device.startswith("cuda")
+    algorithm = {"client": "splitlora", "server": "splitlora"}.get(spec.role, spec.role)
+    cfg = RunConfig(algorithm=algorithm, model=spec.model, clients=spec.clients, cut_layer=spec.cut,
+                    batch_size=spec.batch_size, max_length=spec.max_length, steps=max(spec.warmup, 1) + spec.steps,
+                    threads=spec.threads, seed=spec.seed, server_mode=spec.server_mode, device=spec.device).validate()
+    setup_torch(cfg)
+    meta_model, tok, index = lean_skeleton(spec.model)
+    check_cut(meta_model, spec.cut)
+    data = prepare_data(cfg, tok)
+    baseline = rss_mib()
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+    side = {"client": "client", "server": "server"}.get(spec.role, "whole")
+    part = lean_part(meta_model, index, side, spec.cut).to(spec.device)
+    weights_rss = rss_mib() - baseline
+    arch = architecture_of(part)
+    tokens = 0
+
+    if spec.role in ("cen", "splitlora"):
+        from ..algorithms import ALGORITHMS, Context
+        from .trace import instrument_streams
+
+        algo = ALGORITHMS[spec.role](Context(cfg, part, data, InProcessLink(cfg.wire_dtype)))
+        streams = instrument_streams(algo, spec.device)
+        step = algo.step
+        holders = algo
+        count = lambda: sum(s.input_tokens for s in streams)  # noqa: E731
+    else:
+        from ..runtime.client import SplitClient
+        from ..runtime.server import SplitServer
+        from .trace import CountingStream
+
+        del meta_model  # the client/server process never holds the other side
+        lora = cfg.client_lora if side == "client" else cfg.server_lora
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            add_lora(part, side_lora_config(lora, arch))
+        stream = CountingStream(BatchStream(data.train, cfg.batch_size, part.config.pad_token_id, seed=(cfg.seed, 0)),
+                                spec.device)
+        hidden_size = part.config.hidden_size
+        if side == "client":
+            party = SplitClient(0, part, stream, len(data.train), cfg, cfg.steps)
+
+            def step(t):
+                up = party.forward(t)
+                party.backward(Gradients(0, t, torch.randn_like(up.hidden) * 1e-3, 0.0, 0))
+        else:
+            party = SplitServer(part, cfg, cfg.steps)
+
+            def step(t):
+                batch = next(stream)
+                b, n = batch["input_ids"].shape
+                hidden = torch.randn(b, n, hidden_size, device=spec.device)
+                party.process([Activations(0, t, hidden, batch["attention_mask"], batch["labels"])])
+        holders = party
+        count = lambda: stream.input_tokens  # noqa: E731
+
+    modules, optimizers = _modules_and_optimizers(holders)
+    weights = _storages(t for m in modules for t in (*m.parameters(), *m.buffers()) if not t.requires_grad)
+    meter = SavedTensorMeter(set(weights))
+    for t in range(max(spec.warmup, 1)):  # activations are metered on the warm-up step(s)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            step(t)
+    tokens0 = count()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for t in range(max(spec.warmup, 1), max(spec.warmup, 1) + spec.steps):  # timed: without the meter's hooks
+        step(t)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens = count() - tokens0
+    lora = _storages(t for m in modules for t in m.parameters() if t.requires_grad)
+    opt_state = _storages(v for o in optimizers for st in o.state.values() for v in st.values()
+                          if isinstance(v, torch.Tensor))
+    peak = peak_rss_mib()
+    out = {
+        "spec": asdict(spec),
+        "peak_rss_mib": peak,
+        "baseline_rss_mib": baseline,
+        "peak_above_baseline_mib": peak - baseline,
+        "weights_rss_mib": weights_rss,
+        "weights_mib": sum(weights.values()) / 2**20,
+        "lora_mib": sum(lora.values()) / 2**20,
+        "optimizer_mib": sum(opt_state.values()) / 2**20,
+        "activations_peak_mib": meter.peak / 2**20,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "threads": torch.get_num_threads(),
+    }
+    out["tensors_mib"] = out["weights_mib"] + out["lora_mib"] + out["optimizer_mib"] + out["activations_peak_mib"]
+    if cuda:
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if len(argv) != 1:
+        print("usage: python -m splitlora.bench.memproc '{json spec}'", file=sys.stderr)
+        return 2
+    spec = ProbeSpec(**json.loads(argv[0]))
+    result = run_probe(spec)
+    print(PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+def probe(spec: ProbeSpec, timeout: float | None = None) -> dict:
+    """Run ``spec`` in a fresh process; returns its result with ``command`` (the probe's command line)."""
+    import shlex
+    import subprocess
+
+    argv = spec.argv()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe {spec.role}/{spec.model} failed (exit {proc.returncode}): {tail}")
+    result = json.loads(lines[-1][len(PREFIX):])
+    result["probe_command"] = "python -m splitlora.bench.memproc " + shlex.quote(argv[-1])
+    return result
+
+
+def probe_all(specs: list[ProbeSpec], jobs: int = 1) -> list[dict]:
+    """:func:`probe` each spec, ``jobs`` processes at a time (1 = one after the other, for clean timings)."""
+    if jobs <= 1 or len(specs) <= 1:
+        return [probe(s) for s in specs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(probe, specs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
