@@ -36,8 +36,8 @@ def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2):
 
 
 def test_fedavg_is_sample_weighted(tiny_gpt2):
-    # contiguous split of 31 training examples over 3 clients: unequal sample counts.
-    cfg = tiny_config(clients=3, partition="contiguous", aggregate_every=100, synthetic_examples=35)
+    # A Dirichlet split over 3 clients: unequal sample counts.
+    cfg = tiny_config(clients=3, partition="dirichlet:1.0", aggregate_every=100, synthetic_examples=40)
     data = prepare_data(cfg, tiny_gpt2.tokenizer)
     algo = ALGORITHMS["splitlora"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
     for t in range(2):
