@@ -40,7 +40,7 @@ class Settings:
     batch_size: int = 4  # per client and step
     max_length: int = 64
     cut_layer: int = 2
-    samples: int = 480  # training samples per algorithm
+    samples: int = 400  # training samples per algorithm
     eval_every_samples: int = 64
     val_examples: int = 32  # fixed validation set: one reference each of this many test-set MRs
     train_examples: int = 0  # devset rows used for training (0 = all)

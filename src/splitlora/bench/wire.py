@@ -17,6 +17,9 @@ import csv
 import importlib
 import inspect
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,8 +44,8 @@ class Settings:
     steps: int = 2
     transport: bool = True
     transport_clients: int = 1
-    transport_steps: int = 12
-    transport_repeats: int = 2
+    transport_steps: int = 10
+    transport_repeats: int = 3
     transport_mode: str = "processes"  # run_loopback mode: processes | threads
     transport_examples: int = 400
     target_transport: float = 0.90
@@ -101,6 +104,23 @@ def _write_csv(path: Path, examples) -> Path:
     return path
 
 
+def _train_process(cfg: RunConfig, out: Path) -> dict:
+    """``splitlora train`` in a fresh process (as the loopback's processes are); its last step's numbers."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "run.yaml")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "splitlora.cli", "train", "-c", str(out / "run.yaml"), "--out",
+                           str(out / "run"), "--quiet"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"splitlora train exited with {proc.returncode}: {tail}")
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [x for x in rows if "event" not in x][-1]
+    return {"steps": last["step"], "tokens": last["tokens_total"], "seconds": last["elapsed_s"],
+            "tokens_per_s": last["tokens_per_s"], "bytes_up_total": last["bytes_up_total"],
+            "bytes_down_total": last["bytes_down_total"]}
+
+
 def _transport(s: Settings, opts: Options) -> tuple[list[dict], str | None]:
     try:
         loopback = importlib.import_module("splitlora.transport.loopback")
@@ -108,9 +128,6 @@ def _transport(s: Settings, opts: Options) -> tuple[list[dict], str | None]:
     except (ModuleNotFoundError, AttributeError) as exc:
         return [], (f"transport row skipped: splitlora.transport.loopback.run_loopback is not available ({exc}); "
                     f"rerun with `{opts.command(NAME)}` once the gRPC deployment is installed")
-    from ..train import train
-
-    loaded = loaded_model(s.model, opts.device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="splitlora-wire-") as tmp:
         root = Path(tmp)
@@ -126,20 +143,16 @@ def _transport(s: Settings, opts: Options) -> tuple[list[dict], str | None]:
             order = ("in-process", "loopback") if r % 2 == 0 else ("loopback", "in-process")
             for which in order:
                 if which == "in-process":
-                    res = train(cfg, root / f"inproc{r}", progress=False, loaded=loaded)
-                    rows_ = [json.loads(l) for l in (root / f"inproc{r}" / "metrics.jsonl").read_text().splitlines()]
-                    last = [x for x in rows_ if "event" not in x][-1]
-                    inproc.append(last["tokens_per_s"])
-                    raw.append({"run": which, "repeat": r, "steps": last["step"], "tokens": last["tokens_total"],
-                                "seconds": last["elapsed_s"], "tokens_per_s": last["tokens_per_s"],
-                                "bytes_up_total": res.bytes_up, "bytes_down_total": res.bytes_down})
+                    out = _train_process(cfg, root / f"inproc{r}")
+                    inproc.append(out["tokens_per_s"])
+                    raw.append({"run": which, "repeat": r, **out})
                 else:
                     kwargs = {"mode": s.transport_mode} if "mode" in inspect.signature(run_loopback).parameters else {}
                     out = run_loopback(cfg, csvs, root / f"loopback{r}", cfg.wire_dtype, **kwargs)
                     remote.append(out.get("tokens_per_s"))
                     raw.append({"run": which, "repeat": r, **{k: v for k, v in out.items() if k != "adapter_dir"}})
                 if opts.progress:
-                    log(f"[wire] transport repeat {r + 1}: {which} {raw[-1]['tokens_per_s']:.0f} tok/s")
+                    log(f"[wire] transport repeat {r + 1}: {which} {raw[-1]['tokens_per_s']:.1f} tok/s")
     ratio = median(remote) / median(inproc) if median(inproc) and median(remote) else None
     last_remote = next(x for x in reversed(raw) if x["run"] == "loopback")
     rows.append({"model": s.model, "clients": s.transport_clients, "batch_size": s.batch_size,
@@ -187,7 +200,8 @@ def run(opts: Options) -> BenchResult:
                                          r["ratio"], s.target_transport, ">="))
             result.extra["transport_runs"] = r["runs"]
             result.notes.append(
-                f"transport: {s.transport_steps} steps per run, {s.transport_repeats} repeat(s) of each, alternating; "
+                f"transport: {s.transport_steps} steps per run, {s.transport_repeats} repeat(s) of each, alternating, "
+                "each run in fresh processes ('in-process' = one `splitlora train` process); "
                 "tok/s = completion tokens / training seconds as each run's metrics.jsonl reports it (clients "
                 "joining and model loading excluded); medians over repeats.")
     result.notes += [
