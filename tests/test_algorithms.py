@@ -148,3 +148,24 @@ def test_metrics_log_counts_bytes_exactly(tmp_path, tiny_gpt2):
                      if int(k.split(".h.")[1].split(".")[0]) < cfg.cut_layer)
     assert agg[0]["bytes_up"] == agg[0]["bytes_down"] == cfg.clients * lora_bytes
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "config.yaml").is_file()
+
+
+def test_sl_client_data_continues_across_turns(tiny_gpt2):
+    # With 2 clients taking turns every step, client 0's second turn must see its *next* batch.
+    cfg = tiny_config(algorithm="sl", clients=2, aggregate_every=1, batch_size=2, synthetic_examples=40)
+    data = prepare_data(cfg, tiny_gpt2.tokenizer)
+    algo = ALGORITHMS["sl"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
+    seen = []
+    original = algo.client.forward
+
+    def recording_forward(step):
+        msg = original(step)
+        seen.append((algo.turn, msg.labels.clone()))
+        return msg
+
+    algo.client.forward = recording_forward
+    for t in range(3):
+        algo.step(t)
+    (turn_a, first), (_, _), (turn_b, third) = seen
+    assert turn_a == turn_b == 0
+    assert first.shape != third.shape or not torch.equal(first, third)

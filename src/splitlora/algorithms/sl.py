@@ -14,7 +14,9 @@ class SplitLearning(Algorithm):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.client = ctx.split_client(0, self.cfg.steps)  # the one client-side model being passed on
-        self.streams = [ctx.stream(i) for i in range(self.cfg.clients)]
+        # Client 0's stream is the one the client-side model starts with: reuse it, or its data
+        # would restart from the top whenever its turn comes back.
+        self.streams = [self.client.stream] + [ctx.stream(i) for i in range(1, self.cfg.clients)]
         self.samples = [len(ix) for ix in ctx.data.client_indices]
         self.server = ctx.split_server(self.cfg.steps)
         self.turn = 0
