@@ -325,6 +325,15 @@ def plot_path(opts: Options, name: str) -> Path:
     return opts.out / f"{name}.png"
 
 
+def save_figure(fig, opts: Options, name: str) -> str:
+    """Lay out, write ``OUT/NAME.png`` and free the figure; returns the path."""
+    fig.tight_layout()
+    path = plot_path(opts, name)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return str(path)
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .common import BenchResult, Options, Table, Target, apply_sets, log, plot_path, pyplot
+from .common import BenchResult, Options, Table, Target, apply_sets, log, pyplot, save_figure
 from .memproc import ProbeSpec, probe_all
 from .scale import memory_key
 
@@ -102,8 +102,4 @@ def _plot(rows, key, label, s: Settings, opts: Options) -> str:
     ax.set_ylabel("MiB")
     ax.set_title(f"peak memory by side, {s.model}, batch {s.batch_size}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = plot_path(opts, "memory")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, opts, "memory")

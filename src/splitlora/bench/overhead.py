@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import RunConfig
-from .common import BenchResult, Options, Table, Target, apply_sets, log, median, plot_path, pyplot, spread
+from .common import BenchResult, Options, Table, Target, apply_sets, log, median, pyplot, save_figure, spread
 from .harness import build, loaded_model, synchronize
 
 NAME = "overhead"
@@ -139,8 +139,4 @@ def _plot(rows, opts: Options) -> str:
     ax.set_ylabel("input tokens / s")
     ax.set_title("Split overhead (median of repeats)")
     ax.legend()
-    fig.tight_layout()
-    path = plot_path(opts, "overhead")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, opts, "overhead")

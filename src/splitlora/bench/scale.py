@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .common import BenchResult, Options, Table, Target, apply_sets, log, plot_path, pyplot
+from .common import BenchResult, Options, Table, Target, apply_sets, log, pyplot, save_figure
 from .memproc import ProbeSpec, probe_all
 
 NAME = "scale"
@@ -112,8 +112,4 @@ def _plot(rows, key, label, s: Settings, opts: Options) -> str:
     a2.set_title("peak memory")
     a2.legend(fontsize=7)
     fig.suptitle(f"splitlora, {s.model}, batch {s.batch_size}/client", fontsize=10)
-    fig.tight_layout()
-    path = plot_path(opts, "scale")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, opts, "scale")

@@ -24,7 +24,7 @@ from ..data import PreparedData
 from ..data.batching import encode_all
 from ..data.e2e import Example, read_e2e_csv, synthetic_e2e
 from ..data.partition import partition
-from .common import BenchResult, Options, Table, apply_sets, log, plot_path, pyplot
+from .common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
 from .harness import Evaluator, build, loaded_model
 from .latency import SCENARIOS, LatencyModel, StepTrace, time_to_target
 
@@ -292,8 +292,4 @@ def _plot(runs: dict, target: float, s: Settings, opts: Options) -> str:
     a2.set_title("loss vs samples", fontsize=9)
     fig.suptitle(f"{s.model}, {s.clients} clients, batch {s.batch_size}/client; dashed: target {target:.2f}",
                  fontsize=10)
-    fig.tight_layout()
-    path = plot_path(opts, "ttq")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, opts, "ttq")

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..data.e2e import synthetic_e2e
 from ..transport.messages import WIRE_DTYPES
-from .common import BenchResult, Options, Table, Target, apply_sets, log, median, plot_path, pyplot
+from .common import BenchResult, Options, Table, Target, apply_sets, log, median, pyplot, save_figure
 from .harness import build, loaded_model
 from .trace import activation_bytes
 
@@ -225,8 +225,4 @@ def _plot(rows, s: Settings, opts: Options) -> str:
     ax.set_ylabel("KiB per step")
     ax.set_title(f"bytes per step, {s.model}, batch {s.batch_size}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = plot_path(opts, "wire")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, opts, "wire")
