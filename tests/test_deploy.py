@@ -164,10 +164,24 @@ def test_each_side_holds_only_its_part(tmp_path):
 
 # ---- in one process (threads) ------------------------------------------------------------------
 
-def test_loopback_threads_matches_train(reference, tmp_path):
-    """run_loopback (the benchmark entry point) gives train's adapter and train's byte counts."""
+def test_loopback_threads_matches_train(reference, tmp_path, monkeypatch):
+    """run_loopback (the benchmark entry point) gives train's adapter and train's byte counts.
+
+    And the server builds received tensors on its loop thread, never in a gRPC handler thread: a
+    torch op there gives OpenMP a second thread team and slows every step (grpc_server._decode).
+    """
+    from splitlora.transport import grpc_server
+
+    decoded_on = []
+    for name in ("activations_from_proto", "update_from_proto"):
+        def recorded(*args, _real=getattr(grpc_server, name), _name=name):
+            decoded_on.append((_name, threading.current_thread().name))
+            return _real(*args)
+        monkeypatch.setattr(grpc_server, name, recorded)
     cfg, csvs, result = reference
     out = run_loopback(cfg, csvs, tmp_path / "loop", wire_dtype="fp32", mode="threads", timeout=240)
+    assert {n for n, _ in decoded_on} == {"activations_from_proto", "update_from_proto"}
+    assert {thread for _, thread in decoded_on} == {"loopback-server"}, decoded_on
     diff = max_abs_diff(adapter(result.adapter_dir), adapter(out["adapter_dir"]))
     print(f"\nmax |adapter(loopback threads) - adapter(train)| = {diff:.3g}")
     assert diff <= 1e-6

@@ -26,7 +26,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import torch
@@ -197,8 +197,10 @@ class Refused(Exception):
 class _Request:
     """One call waiting for the loop: a join, a step or an upload."""
 
-    def __init__(self, kind: str, client_id: int, session: int, payload: Any, wire_bytes: int = 0):
+    def __init__(self, kind: str, client_id: int, session: int, payload: Any, wire_bytes: int = 0,
+                 decode: Callable[[], Any] | None = None):
         self.kind, self.client_id, self.session, self.payload = kind, client_id, session, payload
+        self.decode = decode  # builds ``payload`` from the message; run on the loop thread (see _decode)
         self.wire_bytes = wire_bytes
         self.payload_bytes = 0  # tensor bytes, counted as the simulation counts them
         self.done = threading.Event()
@@ -346,8 +348,8 @@ class Coordinator:
                                                        f"now ({self.step}): say Hello again")
             if cid in self.step_inbox:
                 raise Refused(grpc.StatusCode.ABORTED, f"step {msg.step} was already sent")
-        acts = activations_from_proto(msg, cid, self.side.limits)  # WireError -> INVALID_ARGUMENT
-        req = _Request("step", cid, msg.session, acts, wire_bytes)
+        req = _Request("step", cid, msg.session, None, wire_bytes,
+                       decode=lambda: activations_from_proto(msg, cid, self.side.limits))
         req.payload_bytes = payload_bytes(msg.hidden, msg.attention_mask, msg.labels)
         with self.cond:  # the state may have moved on while the tensors were checked
             self._check_member(cid, msg.session)
@@ -367,8 +369,8 @@ class Coordinator:
             samples = member.num_samples
         if msg.num_samples != samples:
             raise WireError(f"num_samples {msg.num_samples} differs from the {samples} announced in Hello")
-        update = update_from_proto(msg, cid, self.side.client_shapes)
-        req = _Request("upload", cid, msg.session, update, wire_bytes)
+        req = _Request("upload", cid, msg.session, None, wire_bytes,
+                       decode=lambda: update_from_proto(msg, cid, self.side.client_shapes))
         req.payload_bytes = state_payload_bytes(msg.state)
         with self.cond:
             self._check_member(cid, msg.session)
@@ -386,8 +388,12 @@ class Coordinator:
                 self.cond.notify_all()
 
     def call_ended(self, req: _Request) -> None:
-        """A call's RPC ended; if its answer did not go out, the client is gone."""
-        if req.delivered:
+        """A call's RPC ended; if its answer did not go out, the client is gone.
+
+        A call the server failed on purpose (a refused message, a drop) has had its state cleaned up
+        by whoever failed it; its client is still there.
+        """
+        if req.delivered or req.error is not None:
             return
         with self.cond:
             req.cancelled = True
@@ -490,22 +496,49 @@ class Coordinator:
         log.warning("client %d dropped at step %d: %s", cid, self.step, reason)
 
     def _collect(self, box: dict[int, _Request], what: str) -> dict[int, _Request]:
-        """Wait until every member has a request in ``box`` (or is dropped); take them all."""
+        """Wait until every member has a decoded request in ``box`` (or is dropped); take them all."""
         deadline = time.monotonic() + self.opts.client_timeout
-        with self.cond:
-            while True:
+        while True:
+            self._decode(box)
+            with self.cond:
                 self._reap()
+                if any(r.decode is not None for r in box.values()):
+                    continue  # arrived while the others were decoded
                 missing = [c for c in self.members if c not in box]
-                if not missing:
-                    break
-                if time.monotonic() >= deadline:
-                    for cid in missing:
-                        self._drop(cid, f"no {what} within {self.opts.client_timeout:g}s")
-                    break
-                self.cond.wait(min(0.25, max(deadline - time.monotonic(), 0.001)))
-            taken = dict(box)
-            box.clear()
-        return taken
+                if missing and time.monotonic() < deadline:
+                    self.cond.wait(min(0.25, max(deadline - time.monotonic(), 0.001)))
+                    continue
+                for cid in missing:
+                    self._drop(cid, f"no {what} within {self.opts.client_timeout:g}s")
+                taken = dict(box)
+                box.clear()
+                return taken
+
+    def _decode(self, box: dict[int, _Request]) -> None:
+        """Check and build the tensors of the requests in ``box`` that are still raw messages.
+
+        This runs here, on the loop thread, and not in the gRPC handler threads, so that every torch
+        op of the process runs on one thread. An op run from a second thread gives OpenMP a second
+        thread team; libgomp then manages more threads than there are cores and stops spinning
+        between parallel regions, which slowed the model's own steps by about 15% on 2 CPU cores
+        (docs/benchmarks.md, "Transport"). A bad message fails its call with INVALID_ARGUMENT and
+        leaves the client's step open, as a message refused on arrival would.
+        """
+        with self.cond:
+            raw = [r for r in box.values() if r.decode is not None]
+        for req in raw:
+            try:
+                req.payload = req.decode()
+            except WireError as exc:
+                with self.cond:
+                    if box.get(req.client_id) is req:
+                        del box[req.client_id]
+                    self.invalid += 1
+                log.warning("invalid %s from client %d: %s", "Step" if req.kind == "step" else "Aggregate",
+                            req.client_id, exc)
+                req.fail(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            finally:
+                req.decode = None
 
     def _run_step(self, t: int) -> None:
         reqs = self._collect(self.step_inbox, f"activations for step {t}")
@@ -698,7 +731,7 @@ def _truncate_metrics(path: Path, offset: int) -> list[dict]:
 # ---- gRPC ------------------------------------------------------------------------------------
 
 class Servicer(pb_grpc.SplitLoRAServicer):
-    """Authenticate, read, check, hand over, wait, answer. Never touches a model."""
+    """Authenticate, read, hand over, wait, answer. Never touches a model or runs a torch op."""
 
     def __init__(self, coord: Coordinator, tokens: dict[int, str], max_message_bytes: int):
         self.coord = coord
