@@ -43,3 +43,14 @@ def test_smollm2_preset_reads_the_packaged_gguf():
     with torch.no_grad():
         nxt = loaded.model(ids).logits[0, -1].argmax()
     assert loaded.tokenizer.decode(nxt).strip() == "Paris"
+
+
+def test_building_a_preset_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    # A run seeds torch, then loads its model: the numbers it draws next (dropout) must not depend on
+    # whether the preset was already in the cache or had to be built (seeded) now.
+    monkeypatch.setenv("SPLITLORA_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    load_model("tiny-gpt2")  # an empty cache: built here
+    assert torch.equal(torch.rand(4), expected)

@@ -115,9 +115,12 @@ def _materialise(key: str, build: Callable[[], tuple[PreTrainedModel, object]]) 
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if key in RANDOM_PRESETS:
-        torch.manual_seed(PRESET_SEED)
-    model, tok = build()
+    # The random presets are seeded, in a forked RNG: a run must not draw different numbers
+    # depending on whether its model was already cached.
+    with torch.random.fork_rng(devices=[]):
+        if key in RANDOM_PRESETS:
+            torch.manual_seed(PRESET_SEED)
+        model, tok = build()
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
