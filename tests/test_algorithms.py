@@ -27,8 +27,8 @@ def _max_diff(a, b):
 
 def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2):
     common = dict(steps=20, clients=1, aggregate_every=1, batch_size=2, synthetic_examples=30)
-    split = train(tiny_config(algorithm="splitlora", **common), tmp_path / "split", progress=False, loaded=tiny_gpt2)
-    cen = train(tiny_config(algorithm="cen", **common), tmp_path / "cen", progress=False, loaded=tiny_gpt2)
+    train(tiny_config(algorithm="splitlora", **common), tmp_path / "split", progress=False, loaded=tiny_gpt2)
+    train(tiny_config(algorithm="cen", **common), tmp_path / "cen", progress=False, loaded=tiny_gpt2)
     a, b = _adapter(tmp_path / "split"), _adapter(tmp_path / "cen")
     assert _max_diff(a, b) <= 1e-5
     # It trained: B started at zero and moved.

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable
 
-from .errors import UserError
+from .errors import OneLineParser, run_command
 
 # flag -> config key, for ``splitlora train`` (and the parts of it other commands share)
 TRAIN_FLAGS: dict[str, tuple[str, type]] = {
@@ -39,11 +39,6 @@ LORA_FLAGS: dict[str, tuple[str, type]] = {
     "--alpha": ("alpha", float),
     "--lora-dropout": ("dropout", float),
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -92,9 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="splitlora", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="splitlora", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     p = sub.add_parser("train", help="train with one of the four algorithms (in one process)")
     _add_config_flags(p)
@@ -142,14 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         args = parser.parse_args(["train", *argv])
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished work was saved", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, "finished work was saved")
 
 
 if __name__ == "__main__":

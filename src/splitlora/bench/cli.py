@@ -48,22 +48,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m splitlora.bench")
     import os
     import sys
 
-    from ..errors import UserError
+    from ..errors import OneLineParser, run_command
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-    parser = _Parser(prog=prog, description=DESCRIPTION)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished benchmarks were written", file=sys.stderr)
-        return 130
+    return run_command(run, args, "finished benchmarks were written")
