@@ -42,8 +42,11 @@ class RunResult:
 class Validator:
     """The unsplit model with the run's whole-model LoRA, used to score any adapter state."""
 
-    def __init__(self, model, cfg: RunConfig, items, pad_id: int):
+    def __init__(self, model, cfg: RunConfig, items, pad_id: int, device: str | torch.device | None = None):
+        """``device``: move the validation model there (None: stay on ``model``'s device)."""
         self.model = add_lora(make_part(model, "whole", cfg.cut_layer), whole_lora_config(model, cfg))
+        if device is not None:
+            self.model.to(device)
         self.items, self.pad_id = items, pad_id
 
     def __call__(self, state) -> float | None:

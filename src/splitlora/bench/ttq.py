@@ -24,8 +24,9 @@ from ..data import PreparedData
 from ..data.batching import encode_all
 from ..data.e2e import Example, read_e2e_csv, synthetic_e2e
 from ..data.partition import partition
+from ..train import Validator
 from .common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
-from .harness import Evaluator, build, loaded_model
+from .harness import build, loaded_model
 from .latency import SCENARIOS, LatencyModel, StepTrace, time_to_target
 
 NAME = "ttq"
@@ -194,7 +195,7 @@ def run(opts: Options) -> BenchResult:
     base_cfg = RunConfig(model=s.model, max_length=s.max_length, cut_layer=s.cut_layer).validate()
     enc_train = encode_all(train_ex, loaded.tokenizer, base_cfg.prompt_template, s.max_length)
     enc_val = encode_all(val_ex, loaded.tokenizer, base_cfg.prompt_template, s.max_length)
-    evaluator = Evaluator(loaded, base_cfg, enc_val, opts.device)
+    evaluator = Validator(loaded.model, base_cfg, enc_val, loaded.model.config.pad_token_id, opts.device)
     from ..models.lora import initial_lora_state
 
     initial = evaluator(initial_lora_state(loaded.model, base_cfg))
