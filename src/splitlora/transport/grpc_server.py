@@ -341,6 +341,9 @@ class Coordinator:
         return req
 
     def submit_step(self, cid: int, msg: pb.ActivationsUp, wire_bytes: int) -> _Request:
+        req = _Request("step", cid, msg.session, None, wire_bytes,
+                       decode=lambda: activations_from_proto(msg, cid, self.side.limits))
+        req.payload_bytes = payload_bytes(msg.hidden, msg.attention_mask, msg.labels)
         with self.cond:
             self._check_member(cid, msg.session)
             if msg.step != self.step or self.upload_step is not None:
@@ -348,34 +351,23 @@ class Coordinator:
                                                        f"now ({self.step}): say Hello again")
             if cid in self.step_inbox:
                 raise Refused(grpc.StatusCode.ABORTED, f"step {msg.step} was already sent")
-        req = _Request("step", cid, msg.session, None, wire_bytes,
-                       decode=lambda: activations_from_proto(msg, cid, self.side.limits))
-        req.payload_bytes = payload_bytes(msg.hidden, msg.attention_mask, msg.labels)
-        with self.cond:  # the state may have moved on while the tensors were checked
-            self._check_member(cid, msg.session)
-            if msg.step != self.step or self.upload_step is not None or cid in self.step_inbox:
-                raise Refused(grpc.StatusCode.ABORTED, f"step {msg.step} is no longer open")
             self.step_inbox[cid] = req
             self.cond.notify_all()
         return req
 
     def submit_upload(self, cid: int, msg: pb.AdapterUp, wire_bytes: int) -> _Request:
+        req = _Request("upload", cid, msg.session, None, wire_bytes,
+                       decode=lambda: update_from_proto(msg, cid, self.side.client_shapes))
+        req.payload_bytes = state_payload_bytes(msg.state)
         with self.cond:
             member = self._check_member(cid, msg.session)
             if self.upload_step is None or msg.step != self.upload_step:
                 raise Refused(grpc.StatusCode.ABORTED, f"no aggregation is open for step {msg.step}")
             if cid in self.upload_inbox:
                 raise Refused(grpc.StatusCode.ABORTED, "this round's adapter was already sent")
-            samples = member.num_samples
-        if msg.num_samples != samples:
-            raise WireError(f"num_samples {msg.num_samples} differs from the {samples} announced in Hello")
-        req = _Request("upload", cid, msg.session, None, wire_bytes,
-                       decode=lambda: update_from_proto(msg, cid, self.side.client_shapes))
-        req.payload_bytes = state_payload_bytes(msg.state)
-        with self.cond:
-            self._check_member(cid, msg.session)
-            if self.upload_step is None or msg.step != self.upload_step or cid in self.upload_inbox:
-                raise Refused(grpc.StatusCode.ABORTED, "the aggregation is no longer open")
+            if msg.num_samples != member.num_samples:
+                raise WireError(f"num_samples {msg.num_samples} differs from the {member.num_samples} "
+                                f"announced in Hello")
             self.upload_inbox[cid] = req
             self.cond.notify_all()
         return req
