@@ -14,9 +14,6 @@ clients joining excluded).
 from __future__ import annotations
 
 import csv
-import importlib
-import inspect
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +23,8 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..data.e2e import synthetic_e2e
+from ..runtime.metrics import read_metrics
+from ..transport.loopback import run_loopback
 from ..transport.messages import WIRE_DTYPES
 from .common import BenchResult, Options, Table, Target, apply_sets, log, median, pyplot, save_figure
 from .harness import build, loaded_model
@@ -114,20 +113,13 @@ def _train_process(cfg: RunConfig, out: Path) -> dict:
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"splitlora train exited with {proc.returncode}: {tail}")
-    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = [x for x in rows if "event" not in x][-1]
+    last = [x for x in read_metrics(out / "run") if "event" not in x][-1]
     return {"steps": last["step"], "tokens": last["tokens_total"], "seconds": last["elapsed_s"],
             "tokens_per_s": last["tokens_per_s"], "bytes_up_total": last["bytes_up_total"],
             "bytes_down_total": last["bytes_down_total"]}
 
 
-def _transport(s: Settings, opts: Options) -> tuple[list[dict], str | None]:
-    try:
-        loopback = importlib.import_module("splitlora.transport.loopback")
-        run_loopback = loopback.run_loopback
-    except (ModuleNotFoundError, AttributeError) as exc:
-        return [], (f"transport row skipped: splitlora.transport.loopback.run_loopback is not available ({exc}); "
-                    f"rerun with `{opts.command(NAME)}` once the gRPC deployment is installed")
+def _transport(s: Settings, opts: Options) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="splitlora-wire-") as tmp:
         root = Path(tmp)
@@ -147,8 +139,7 @@ def _transport(s: Settings, opts: Options) -> tuple[list[dict], str | None]:
                     inproc.append(out["tokens_per_s"])
                     raw.append({"run": which, "repeat": r, **out})
                 else:
-                    kwargs = {"mode": s.transport_mode} if "mode" in inspect.signature(run_loopback).parameters else {}
-                    out = run_loopback(cfg, csvs, root / f"loopback{r}", cfg.wire_dtype, **kwargs)
+                    out = run_loopback(cfg, csvs, root / f"loopback{r}", cfg.wire_dtype, mode=s.transport_mode)
                     remote.append(out.get("tokens_per_s"))
                     raw.append({"run": which, "repeat": r, **{k: v for k, v in out.items() if k != "adapter_dir"}})
                 if opts.progress:
@@ -163,7 +154,7 @@ def _transport(s: Settings, opts: Options) -> tuple[list[dict], str | None]:
                  "serialised_up_per_step": last_remote.get("wire_bytes_up_per_step"),
                  "serialised_down_per_step": last_remote.get("wire_bytes_down_per_step"),
                  "runs": raw, "command": opts.command(NAME, {"dtypes": "none"})})
-    return rows, None
+    return rows
 
 
 def run(opts: Options) -> BenchResult:
@@ -182,28 +173,23 @@ def run(opts: Options) -> BenchResult:
         for r in rows:
             r["vs_fp32"] = r["up_per_step"] / fp32["up_per_step"] if fp32 else None
     if s.transport:
-        t_rows, skipped = _transport(s, opts)
-        if skipped:
-            result.notes.append(skipped)
-            result.targets.append(Target(f"loopback gRPC / in-process tokens/s ({s.model}, batch {s.batch_size})",
-                                         None, s.target_transport, ">=", note="skipped"))
-        else:
-            result.tables.append(Table("Transport: loopback gRPC deployment vs in-process", [
-                ("model", "model", ""), ("clients", "clients", "d"), ("mode", "loopback", ""),
-                ("inprocess_tok_s", "in-process tok/s", ",.1f"), ("loopback_tok_s", "loopback tok/s", ",.1f"),
-                ("ratio", "ratio", ".3f"), ("loopback_up_per_step", "tensor B up/step", ",.0f"),
-                ("serialised_up_per_step", "serialised B up/step", ",.0f"),
-                ("serialised_down_per_step", "serialised B down/step", ",.0f"), ("command", "command", "code")],
-                t_rows))
-            r = t_rows[0]
-            result.targets.append(Target(f"loopback gRPC / in-process tokens/s ({s.model}, batch {s.batch_size})",
-                                         r["ratio"], s.target_transport, ">="))
-            result.extra["transport_runs"] = r["runs"]
-            result.notes.append(
-                f"transport: {s.transport_steps} steps per run, {s.transport_repeats} repeat(s) of each, alternating, "
-                "each run in fresh processes ('in-process' = one `splitlora train` process); "
-                "tok/s = completion tokens / training seconds as each run's metrics.jsonl reports it (clients "
-                "joining and model loading excluded); medians over repeats.")
+        t_rows = _transport(s, opts)
+        result.tables.append(Table("Transport: loopback gRPC deployment vs in-process", [
+            ("model", "model", ""), ("clients", "clients", "d"), ("mode", "loopback", ""),
+            ("inprocess_tok_s", "in-process tok/s", ",.1f"), ("loopback_tok_s", "loopback tok/s", ",.1f"),
+            ("ratio", "ratio", ".3f"), ("loopback_up_per_step", "tensor B up/step", ",.0f"),
+            ("serialised_up_per_step", "serialised B up/step", ",.0f"),
+            ("serialised_down_per_step", "serialised B down/step", ",.0f"), ("command", "command", "code")],
+            t_rows))
+        r = t_rows[0]
+        result.targets.append(Target(f"loopback gRPC / in-process tokens/s ({s.model}, batch {s.batch_size})",
+                                     r["ratio"], s.target_transport, ">="))
+        result.extra["transport_runs"] = r["runs"]
+        result.notes.append(
+            f"transport: {s.transport_steps} steps per run, {s.transport_repeats} repeat(s) of each, alternating, "
+            "each run in fresh processes ('in-process' = one `splitlora train` process); "
+            "tok/s = completion tokens / training seconds as each run's metrics.jsonl reports it (clients "
+            "joining and model loading excluded); medians over repeats.")
     result.notes += [
         "up = activations (wire dtype) + attention mask (uint8) + labels (int32); down = gradient at the cut "
         "(wire dtype); '= formula' checks the measured bytes against B*T*(H*itemsize+5) and B*T*H*itemsize "

@@ -8,6 +8,14 @@ import json
 from pathlib import Path
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` in order ([] when there is none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     def __init__(self, out_dir: Path, append: bool = False):
         self.out_dir = out_dir

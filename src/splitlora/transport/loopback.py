@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import RunConfig
+from ..runtime.metrics import read_metrics
 from .grpc_server import ENDPOINT_FILE
 
 
@@ -123,10 +123,7 @@ class Loopback:
 
     # ---- results ----------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
-        path = self.server_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.server_dir)
 
     def wait_for(self, predicate, timeout: float, what: str) -> list[dict]:
         """Poll the server's metrics until ``predicate(records)`` holds."""
@@ -268,8 +265,7 @@ def _run_threads(cfg, csvs, root: Path, timeout: float, tls) -> dict:
             raise LoopbackError(f"{th.name} still running after {timeout:.0f}s")
     if errors:
         raise LoopbackError(f"loopback failed: {errors[0]!r}")
-    records = [json.loads(line) for line in (server_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return summarize(records, server_dir / "adapter")
+    return summarize(read_metrics(server_dir), server_dir / "adapter")
 
 
 def _write_private(path: Path, text: str) -> None:
