@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 from ..errors import UserError
@@ -208,17 +208,13 @@ def _loadavg() -> list[float] | None:
 
 
 def check_device(device: str) -> str:
-    import torch
+    """``--device`` read as ``splitlora train`` reads it (:func:`splitlora.train.resolve_device`)."""
+    from ..train import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine")
-        return device
-    raise UserError(f"--device must be cpu, cuda, cuda:N or auto (got {device!r})")
+    try:
+        return str(resolve_device(device))
+    except UserError as exc:
+        raise UserError(f"--device: {exc}") from None
 
 
 # ---- small statistics ------------------------------------------------------------------------
@@ -346,9 +342,3 @@ def pyplot():
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def timed(fn: Callable, *args, **kwargs):
-    t0 = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return value, time.perf_counter() - t0

@@ -165,7 +165,6 @@ class StepTracer:
     def __init__(self, algo, link: TracingLink, count_flops: bool = True):
         self.algo, self.link, self.count_flops = algo, link, count_flops
         self.flop_cache: dict[tuple, float] = {}
-        self.counted_calls = 0
         self._calls: list[tuple[str, int, float]] = []
         self._seen: set[int] = set()
         self._wrap_all()
@@ -202,7 +201,6 @@ class StepTracer:
             else:
                 with FlopCounterMode(display=False) as counter:
                     result = fn(*args, **kwargs)
-                tracer.counted_calls += 1
                 if key[1] is not None:
                     tracer.flop_cache[key] = float(counter.get_total_flops())
                 else:

@@ -75,7 +75,6 @@ class BatchStream:
             raise ValueError("BatchStream needs at least one item")
         self.items, self.batch_size, self.pad_id = list(items), batch_size, pad_id
         self.rng = np.random.default_rng(seed)
-        self.epoch = 0
         self._iter = self._batches()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -83,7 +82,6 @@ class BatchStream:
             order = self.rng.permutation(len(self.items))
             for start in range(0, len(order), self.batch_size):
                 yield collate([self.items[i] for i in order[start:start + self.batch_size]], self.pad_id)
-            self.epoch += 1
 
     def __next__(self) -> dict[str, torch.Tensor]:
         return next(self._iter)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -100,5 +99,3 @@ def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, base_path: 
     return out
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict:
-    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())

@@ -17,13 +17,13 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from google.protobuf.message import DecodeError, Message
 
+from ..data.batching import IGNORE
 from . import splitlora_pb2 as pb
 from .messages import LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, WIRE_DTYPES, Activations, AdapterUpdate, Gradients
 
 PROTOCOL_VERSION = 1
 CHUNK_BYTES = 1 << 20  # 1 MiB frames, well below gRPC's default 4 MiB message limit
 GRPC_FRAME_LIMIT = CHUNK_BYTES + (64 << 10)  # what a gRPC channel accepts per frame
-IGNORE_LABEL = -100
 
 _TO_ENUM = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16,
             torch.uint8: pb.UINT8, torch.int32: pb.INT32}
@@ -158,7 +158,7 @@ def activations_from_proto(msg: pb.ActivationsUp, client_id: int, lim: CutLimits
         raise WireError("attention_mask: values must be 0 or 1")
     if not bool((mask[:, 0] == 1).all()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
         raise WireError("attention_mask: every row must be right-padded and start with a real token")
-    bad = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= lim.vocab_size))
+    bad = (labels != IGNORE) & ((labels < 0) | (labels >= lim.vocab_size))
     if bool(bad.any()):
         raise WireError(f"labels: values must be -100 or token ids below {lim.vocab_size}")
     return Activations(client_id, int(msg.step), hidden.to(torch.float32), mask.to(torch.long),
