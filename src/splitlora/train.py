@@ -141,8 +141,6 @@ def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: Lo
 
 
 def _lr(algo) -> float:
-    for attr in ("server", "party", "client"):
-        party = getattr(algo, attr, None)
-        if party is not None:
-            return party.optimizer.lr
-    return algo.parties[0].optimizer.lr if hasattr(algo, "parties") else algo.clients[0].optimizer.lr
+    """The learning rate now: the server's (splitlora, sl), the party's (cen) or the first client's (fed)."""
+    party = getattr(algo, "server", None) or getattr(algo, "party", None) or algo.parties[0]
+    return party.optimizer.lr

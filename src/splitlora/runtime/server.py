@@ -47,13 +47,14 @@ class SplitServer:
         loss = ForCausalLMLoss(logits, labels, self.vocab_size)
         loss.backward()
         self.optimizer.step()
+        loss_value = float(loss.detach())  # one device sync per server step, not one per client
         grads, row = [], 0
         for a in ups:
             b, t = a.hidden.shape[:2]
             tokens = int((a.labels[:, 1:] != IGNORE).sum())
             # Gradients leave on the activations' device (the client's).
             grads.append(Gradients(a.client_id, a.step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(),
-                                   float(loss.detach()), tokens))
+                                   loss_value, tokens))
             row += b
         return grads
 
