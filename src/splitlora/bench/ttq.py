@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..data import PreparedData
-from ..data.batching import encode_all
+from ..data.batching import encode_labelled
 from ..data.e2e import Example, read_e2e_csv, synthetic_e2e
 from ..data.partition import partition
 from ..train import Validator
@@ -193,8 +193,8 @@ def run(opts: Options) -> BenchResult:
         result.notes.append(f"E2E data absent ({exc}); quick run on synthetic data instead")
     loaded = loaded_model(s.model, opts.device)
     base_cfg = RunConfig(model=s.model, max_length=s.max_length, cut_layer=s.cut_layer).validate()
-    enc_train = encode_all(train_ex, loaded.tokenizer, base_cfg.prompt_template, s.max_length)
-    enc_val = encode_all(val_ex, loaded.tokenizer, base_cfg.prompt_template, s.max_length)
+    train_ex, enc_train = encode_labelled(train_ex, loaded.tokenizer, base_cfg.prompt_template, s.max_length)
+    val_ex, enc_val = encode_labelled(val_ex, loaded.tokenizer, base_cfg.prompt_template, s.max_length)
     evaluator = Validator(loaded.model, base_cfg, enc_val, loaded.model.config.pad_token_id, opts.device)
     from ..models.lora import initial_lora_state
 

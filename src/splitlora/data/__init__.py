@@ -8,7 +8,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..errors import UserError
-from .batching import Encoded, carries_loss, encode_all
+from .batching import Encoded, encode_all, encode_labelled
 from .e2e import Example, load_e2e, synthetic_e2e
 from .partition import partition
 
@@ -43,11 +43,7 @@ def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
     if not train_ex:
         raise UserError("no training examples left after the validation split")
     # Drop examples whose completion max_length cuts away before partitioning, so indices line up.
-    encoded = encode_all(train_ex, tokenizer, cfg.prompt_template, cfg.max_length, drop_unlabelled=False)
-    keep = [i for i, item in enumerate(encoded) if carries_loss(item)]
-    if not keep:
-        raise UserError(f"max_length {cfg.max_length} leaves no completion tokens: every prompt fills it")
-    train_ex, train = [train_ex[i] for i in keep], [encoded[i] for i in keep]
+    train_ex, train = encode_labelled(train_ex, tokenizer, cfg.prompt_template, cfg.max_length)
     n_clients = 1 if cfg.algorithm == "cen" else cfg.clients
     key = cfg.partition_key
     indices = partition(len(train_ex), n_clients, cfg.partition, cfg.seed,

@@ -37,20 +37,24 @@ def carries_loss(item: Encoded) -> bool:
     return any(label != IGNORE for label in item.labels[1:])
 
 
-def encode_all(examples: Sequence[Example], tokenizer, template: str, max_length: int,
-               drop_unlabelled: bool = True) -> list[Encoded]:
+def encode_labelled(examples: Sequence[Example], tokenizer, template: str,
+                    max_length: int) -> tuple[list[Example], list[Encoded]]:
     """Encode ``examples``; those whose completion ``max_length`` cut away entirely carry no loss and
-    are dropped (a batch of only such rows would have a 0/0 loss)."""
-    encoded = [encode(ex, tokenizer, template, max_length) for ex in examples]
-    if not drop_unlabelled:
-        return encoded
-    kept = [e for e in encoded if carries_loss(e)]
-    if encoded and not kept:
+    are dropped (a batch of only such rows would have a 0/0 loss). Returns the kept examples and
+    their encodings, in order."""
+    pairs = [(ex, encode(ex, tokenizer, template, max_length)) for ex in examples]
+    kept = [(ex, e) for ex, e in pairs if carries_loss(e)]
+    if pairs and not kept:
         raise UserError(f"max_length {max_length} leaves no completion tokens: every prompt fills it")
-    if len(kept) < len(encoded):
+    if len(kept) < len(pairs):
         log.warning("dropped %d of %d examples whose completion does not fit in max_length %d",
-                    len(encoded) - len(kept), len(encoded), max_length)
-    return kept
+                    len(pairs) - len(kept), len(pairs), max_length)
+    return [ex for ex, _ in kept], [e for _, e in kept]
+
+
+def encode_all(examples: Sequence[Example], tokenizer, template: str, max_length: int) -> list[Encoded]:
+    """The encodings of :func:`encode_labelled`."""
+    return encode_labelled(examples, tokenizer, template, max_length)[1]
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
