@@ -73,6 +73,7 @@ class RunConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     log_every: int = 1
     eval_every: int = 0  # validation loss every N steps (0 = only at the end)
+    save_every: int = 0  # also save the adapter every N steps to DIR/adapters/step-N (0 = only at the end)
     threads: int = 0  # torch intra-op threads (0 = torch default)
 
     # ---- validation -------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "eval_every", "threads", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.cut_layer < 1:

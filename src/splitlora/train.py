@@ -118,6 +118,9 @@ def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: Lo
             if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < cfg.steps:
                 val = validate(algo.adapter_state())
                 metrics.write({"event": "validation", "step": t + 1, "val_loss": val})
+            if cfg.save_every and (t + 1) % cfg.save_every == 0 and t + 1 < cfg.steps:
+                save_adapter(algo.adapter_state(), whole_lora_config(model, cfg), loaded.base_path,
+                             out / "adapters" / f"step-{t + 1}")
             bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_total / max(elapsed, 1e-9):.0f}")
             bar.update(1)
         t = cfg.steps
