@@ -18,8 +18,8 @@ from splitlora.eval.generate import (evaluate_run, generate, load_adapted, refer
 from splitlora.train import train
 
 E2E = Path(__file__).resolve().parents[2] / "shared/data/e2e"
-KEYS = {"bleu", "nist", "meteor", "rouge_l", "cider", "perplexity", "n_mrs", "n_refs", "beams",
-        "seconds_generate", "seconds_score", "data", "split"}
+KEYS = {"bleu", "nist", "meteor", "rouge_l", "cider", "perplexity", "perplexity_note", "n_mrs", "n_refs", "beams",
+        "seconds_generate", "seconds_perplexity", "seconds_score", "data", "split"}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,32 @@ def test_evaluate_run_writes_predictions_and_scores(run):
     assert set(saved) == KEYS and saved == result
     assert saved["n_mrs"] == 4 and saved["n_refs"] >= 4 and saved["beams"] == 2
     assert saved["data"] == "synthetic" and saved["split"] == "test"
-    assert math.isfinite(saved["perplexity"]) and saved["perplexity"] > 1
+    assert saved["perplexity"] is None and "--perplexity" in saved["perplexity_note"]  # off by default
     for key in ("bleu", "nist", "rouge_l", "cider"):
         assert math.isfinite(saved[key])
+
+
+def test_perplexity_only_on_request(run):
+    out, result = run
+    on = evaluate_run(out, limit=4, beams=1, progress=False, max_new_tokens=4, show=False, perplexity=True)
+    assert set(on) == KEYS and on["perplexity_note"] is None
+    assert math.isfinite(on["perplexity"]) and on["perplexity"] > 1
+    assert on["seconds_perplexity"] > 0
+    off = evaluate_run(out, limit=4, beams=1, progress=False, max_new_tokens=4, show=False)
+    assert off["perplexity"] is None and off["seconds_perplexity"] < on["seconds_perplexity"]
+    assert {k: off[k] for k in ("bleu", "nist", "rouge_l", "cider")} == {k: on[k] for k in ("bleu", "nist", "rouge_l", "cider")}
+
+
+def test_eval_cli_perplexity_flag(run, tmp_path):
+    out, _ = run
+    args = ("eval", "--run", str(out), "--limit", "2", "--beams", "1", "--max-new-tokens", "3", "--quiet")
+    off = _cli(*args, cwd=tmp_path)
+    assert off.returncode == 0, off.stderr
+    assert json.loads((out / "eval.json").read_text())["perplexity"] is None
+    assert "splitlora eval --perplexity" in off.stdout
+    on = _cli(*args, "--perplexity", cwd=tmp_path)
+    assert on.returncode == 0, on.stderr
+    assert json.loads((out / "eval.json").read_text())["perplexity"] > 1
 
 
 def test_perplexity_is_the_training_validation_loss(run, adapted):
@@ -73,6 +96,12 @@ def test_batched_generation_is_padding_free_and_deterministic(adapted, beams):
     alone = generate(model, tok, prompts, beams=beams, max_new_tokens=6, batch_size=1, progress=False)
     again = generate(model, tok, prompts, beams=beams, max_new_tokens=6, batch_size=4, progress=False)
     assert batched == alone == again
+    # sorted by length (the default) or not, batches of 2 hold different rows: the same outputs, in input order
+    unsorted = generate(model, tok, prompts, beams=beams, max_new_tokens=6, batch_size=2, progress=False,
+                        sort_by_length=False)
+    by_length = generate(model, tok, prompts, beams=beams, max_new_tokens=6, batch_size=2, progress=False)
+    reverse = generate(model, tok, prompts[::-1], beams=beams, max_new_tokens=6, batch_size=2, progress=False)
+    assert unsorted == by_length == alone and reverse == alone[::-1]
     assert all("\n" not in h and h == h.strip() for h in batched)
     assert tok.padding_side == "right"  # restored for training-style encoding
 

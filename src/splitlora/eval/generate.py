@@ -1,14 +1,23 @@
-"""``splitlora eval``: decode the test MRs with a run's adapter, score them, and the references' perplexity.
+"""``splitlora eval``: decode the test MRs with a run's adapter, score them, and (on request) the
+references' perplexity.
 
 One output per distinct MR, in order (references grouped by consecutive identical MR, as the
 official E2E scripts do: 630 MRs on the E2E test set). Decoding follows the LoRA/SplitLoRA E2E recipe:
 beam search with 10 beams, length penalty 0.8 and no repeated 4-grams. The run's adapter is loaded the
 way any PEFT user would load it: ``PeftModel.from_pretrained(base, DIR/adapter)``.
 
+Prompts are decoded in batches of similar length (sorted by token count, outputs put back in input
+order): less left padding, the same outputs (decoding is padding-invariant; a test checks it).
+
+The reference perplexity is off by default (``perplexity=True`` / ``--perplexity`` turns it on): it
+scores every reference row (4,693 on the E2E test set), which on a CPU takes about three times as long
+as greedy decoding of the 630 MRs. Off, ``eval.json`` holds ``"perplexity": null`` and
+``"perplexity_note"`` says why.
+
 A run folder after ``evaluate_run``::
 
     DIR/predictions.txt   one output line per MR (written before scoring: never lost)
-    DIR/eval.json         bleu, nist, meteor, rouge_l, cider, perplexity, counts, timing
+    DIR/eval.json         bleu, nist, meteor, rouge_l, cider, perplexity (or null), counts, timing
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ SPLIT_FILES = {"test": "testset_w_refs.csv", "dev": "devset.csv"}
 LENGTH_PENALTY = 0.8  # the LoRA/SplitLoRA E2E recipe
 NO_REPEAT_NGRAM = 4
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+PERPLEXITY_OFF = ("not computed (splitlora eval --perplexity computes it: it scores every reference row, "
+                  "~3x the time of greedy decoding on a CPU)")
 
 
 @dataclass
@@ -126,23 +137,32 @@ def synthetic_eval_set(cfg: RunConfig, tokenizer) -> EvalSet:
 
 def load_adapted(run_dir: Path, cfg: RunConfig, progress: bool = True):
     """The run's base model with its saved adapter, through PEFT; and the tokenizer."""
-    from peft import PeftModel
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir} has no adapter/ (adapter_config.json): is it a finished run folder?")
+    return load_with_adapter(cfg.model, adapter, progress)
+
+
+def load_with_adapter(model_name: str, adapter: str | Path | None, progress: bool = True):
+    """``model_name`` with the PEFT adapter in the folder ``adapter`` (None: the base model alone), in
+    eval mode; and the tokenizer. A fresh copy of the base weights each call."""
     from transformers.utils import logging as hf_logging
 
     from ..models.loading import load_model
 
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir} has no adapter/ (adapter_config.json): is it a finished run folder?")
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     try:
-        loaded = load_model(cfg.model)
-        with warnings.catch_warnings():
-            # peft 0.21 reads a property that transformers 5 deprecates: not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = PeftModel.from_pretrained(loaded.model, str(adapter))
+        loaded = load_model(model_name)
+        model = loaded.model
+        if adapter is not None:
+            from peft import PeftModel
+
+            with warnings.catch_warnings():
+                # peft 0.21 reads a property that transformers 5 deprecates: not the user's concern
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = PeftModel.from_pretrained(model, str(adapter))
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -158,27 +178,38 @@ def one_line(text: str) -> str:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, beams: int = 10, max_new_tokens: int = 64,
              batch_size: int = 8, length_penalty: float = LENGTH_PENALTY,
-             no_repeat_ngram_size: int = NO_REPEAT_NGRAM, progress: bool = True) -> list[str]:
-    """One output line per prompt: batched, left-padded, beam search (``beams=1``: greedy)."""
+             no_repeat_ngram_size: int = NO_REPEAT_NGRAM, progress: bool = True,
+             sort_by_length: bool = True) -> list[str]:
+    """One output line per prompt, in input order: batched, left-padded, beam search (``beams=1``: greedy).
+
+    ``sort_by_length``: batch prompts of similar token count together (then restore the input order),
+    which cuts the padding each batch carries; outputs are the same, since decoding is padding-invariant.
+    """
     device = next(model.parameters()).device
     options = dict(num_beams=beams, do_sample=False, max_new_tokens=max_new_tokens,
                    no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     if beams > 1:
         options["length_penalty"] = length_penalty  # only beam search reads it
-    outputs: list[str] = []
+    prompts = list(prompts)
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+        order.sort(key=lambda i: lengths[i])  # stable: ties keep their input order
+    outputs: list[str] = [""] * len(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
     bar = tqdm(total=len(prompts), desc="generate", unit="MR", disable=not progress, dynamic_ncols=True)
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            enc = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in rows], add_special_tokens=False, padding=True, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(**enc, **options)
             new = out[:, enc["input_ids"].shape[1]:]
-            outputs += [one_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-            bar.update(len(chunk))
+            for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                outputs[i] = one_line(text)
+            bar.update(len(rows))
     finally:
         tokenizer.padding_side = side
         bar.close()
@@ -202,9 +233,13 @@ def reference_perplexity(model, tokenizer, cfg: RunConfig, examples: Sequence[Ex
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test", limit: int | None = None,
                  beams: int = 10, progress: bool = True, *, max_new_tokens: int = 64, batch_size: int = 8,
-                 device: str | None = None, show: bool = True) -> dict:
-    """Decode, score and write ``predictions.txt`` and ``eval.json`` to ``run_dir``; returns eval.json's dict."""
-    from ..train import resolve_device, setup_torch
+                 device: str | None = None, show: bool = True, perplexity: bool = False) -> dict:
+    """Decode, score and write ``predictions.txt`` and ``eval.json`` to ``run_dir``; returns eval.json's dict.
+
+    ``perplexity``: also the perplexity of every reference row (off by default: about three times the
+    cost of greedy decoding on a CPU; off, eval.json says ``null`` and why).
+    """
+    from ..device import resolve_device, setup_torch
     from .metrics import score_corpus
 
     run = Path(run_dir)
@@ -217,7 +252,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     cfg = RunConfig.load(run / "config.yaml")
     source = resolve_data(cfg.data, data, split)
     evalset = None if source == "synthetic" else csv_eval_set(source)  # bad data fails before the model loads
-    setup_torch(cfg)  # threads, seed, deterministic kernels
+    setup_torch(cfg.seed, cfg.threads)  # threads, seed, deterministic kernels
     model, tokenizer = load_adapted(run, cfg, progress)
     model.to(resolve_device(device or cfg.device))
     evalset = (evalset or synthetic_eval_set(cfg, tokenizer)).head(limit)
@@ -228,14 +263,21 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     seconds_generate = time.perf_counter() - t0
     (run / "predictions.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
 
-    t0 = time.perf_counter()
     examples = evalset.examples()
-    ppl = reference_perplexity(model, tokenizer, cfg, examples, batch_size=batch_size)
+    t0 = time.perf_counter()
+    ppl, ppl_note = None, PERPLEXITY_OFF
+    if perplexity:
+        value = reference_perplexity(model, tokenizer, cfg, examples, batch_size=batch_size)
+        ppl, ppl_note = (value, None) if math.isfinite(value) else (None, "not finite (a diverged adapter?)")
+    seconds_perplexity = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     scores = score_corpus(hyps, evalset.refs)
     seconds_score = time.perf_counter() - t0
 
-    result = {**{k: scores[k] for k in METRICS}, "perplexity": ppl if math.isfinite(ppl) else None,
-              "n_mrs": len(evalset.mrs), "n_refs": len(examples), "beams": beams, "seconds_generate": round(seconds_generate, 3),
+    result = {**{k: scores[k] for k in METRICS}, "perplexity": ppl, "perplexity_note": ppl_note,
+              "n_mrs": len(evalset.mrs), "n_refs": len(examples), "beams": beams,
+              "seconds_generate": round(seconds_generate, 3), "seconds_perplexity": round(seconds_perplexity, 3),
               "seconds_score": round(seconds_score, 3), "data": evalset.source, "split": split}
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     if show:
@@ -253,7 +295,11 @@ def format_table(result: dict) -> str:
     for name, value in rows:
         shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
         lines.append(f"{name:<{width}}  {shown}")
+    timing = f"generate {result['seconds_generate']:.1f}s, score {result['seconds_score']:.1f}s"
+    if result.get("perplexity") is not None:
+        timing += f", perplexity {result.get('seconds_perplexity', 0.0):.1f}s"
     lines.append(f"{result['n_mrs']} MRs, {result['n_refs']} references ({result['data']}, {result['split']}), "
-                 f"beam {result['beams']}; generate {result['seconds_generate']:.1f}s, "
-                 f"score {result['seconds_score']:.1f}s")
+                 f"beam {result['beams']}; {timing}")
+    if result.get("perplexity_note"):
+        lines.append(f"perplexity: {result['perplexity_note']}")
     return "\n".join(lines)
