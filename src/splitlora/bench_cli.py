@@ -8,7 +8,7 @@ import argparse
 def register(subparsers) -> None:
     from .bench.cli import DESCRIPTION, add_arguments
 
-    p = subparsers.add_parser("bench", help="run benchmarks (overhead, scale, memory, wire, ttq, all)",
+    p = subparsers.add_parser("bench", help="run benchmarks (overhead, scale, memory, wire, ttq, all; quality)",
                               description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(func=_run)

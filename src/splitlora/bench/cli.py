@@ -9,7 +9,8 @@ from . import NAMES
 from .common import Options
 
 DESCRIPTION = ("Run benchmarks; write OUT/NAME.json, OUT/NAME.md and PNG plots (all: also OUT/summary.md). "
-               "Benchmarks: overhead, scale, memory, wire, ttq, all.")
+               "Benchmarks: overhead, scale, memory, wire, ttq, all (those five), and quality (the E2E table on real "
+               "data; not part of all).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
