@@ -9,11 +9,10 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from splitlora.algorithms import ALGORITHMS, Context
 from splitlora.data import prepare_data
+from splitlora.messages import Activations
 from splitlora.models.lora import lora_state
-from splitlora.train import train
-from splitlora.transport.inprocess import InProcessLink
+from splitlora.train import build_simulation, train
 
 
 def _adapter(run_dir):
@@ -38,18 +37,19 @@ def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2):
 def test_fedavg_is_sample_weighted(tiny_gpt2):
     # A Dirichlet split over 3 clients: unequal sample counts.
     cfg = tiny_config(clients=3, partition="dirichlet:1.0", aggregate_every=100, synthetic_examples=40)
-    data = prepare_data(cfg, tiny_gpt2.tokenizer)
-    algo = ALGORITHMS["splitlora"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
+    _, data, grid, algo = build_simulation(cfg, tiny_gpt2)
+    clients = list(grid.apps.values())
+    algo.join(0)
     for t in range(2):
         algo.step(t)
-    before = [lora_state(c.part) for c in algo.clients]
+    before = [lora_state(c.part) for c in clients]
     counts = [len(ix) for ix in data.client_indices]
     assert len(set(counts)) > 1
     assert max(_max_diff(before[0], s) for s in before[1:]) > 0  # clients diverged before averaging
-    event = algo._aggregate(algo.clients, 1)
+    event = algo._aggregate(1)
     assert event["samples"] == counts
     expected = {k: sum(n * s[k] for n, s in zip(counts, before)) / sum(counts) for k in before[0]}
-    for c in algo.clients:
+    for c in clients:
         assert _max_diff(lora_state(c.part), expected) <= 1e-6
     # Only the client side is averaged: the server keeps one adapter, which holds no client keys.
     assert not set(lora_state(algo.server.part)) & set(expected)
@@ -96,11 +96,11 @@ def test_product_is_one_peft_adapter_of_the_whole_model(tmp_path, tiny_gpt2, alg
                                                                                                  abs=1e-5)
 
 
-def _held_bytes(algo, model) -> int:
+def _held_bytes(algo, grid, model) -> int:
     """Bytes of every distinct tensor storage the run holds: base, LoRA, optimizer state."""
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
-    parties = getattr(algo, "clients", []) + [getattr(algo, "server", None)]
+    parties = list(grid.apps.values()) + [getattr(algo, "server", None)]
     for party in filter(None, parties):
         tensors += list(party.part.parameters()) + list(party.part.buffers())
         for state in party.optimizer.opt.state.values():
@@ -117,10 +117,10 @@ def test_memory_of_simulated_clients_is_shared(tiny_gpt2):
     held = {}
     for n in (1, 8):
         cfg = tiny_config(clients=n, synthetic_examples=60)
-        data = prepare_data(cfg, tiny_gpt2.tokenizer)
-        algo = ALGORITHMS["splitlora"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
+        _, _, grid, algo = build_simulation(cfg, tiny_gpt2)
+        algo.join(0)
         algo.step(0)  # optimizer state exists after the first step
-        held[n] = _held_bytes(algo, tiny_gpt2.model)
+        held[n] = _held_bytes(algo, grid, tiny_gpt2.model)
     print(f"held tensor bytes: 1 client {held[1]:,}, 8 clients {held[8]:,} ({held[8] / held[1]:.3f}x)")
     assert held[8] < 1.5 * held[1]
 
@@ -153,19 +153,17 @@ def test_metrics_log_counts_bytes_exactly(tmp_path, tiny_gpt2):
 def test_sl_client_data_continues_across_turns(tiny_gpt2):
     # With 2 clients taking turns every step, client 0's second turn must see its *next* batch.
     cfg = tiny_config(algorithm="sl", clients=2, aggregate_every=1, batch_size=2, synthetic_examples=40)
-    data = prepare_data(cfg, tiny_gpt2.tokenizer)
-    algo = ALGORITHMS["sl"](Context(cfg, tiny_gpt2.model, data, InProcessLink()))
+    _, _, grid, algo = build_simulation(cfg, tiny_gpt2)
     seen = []
-    original = algo.client.forward
 
-    def recording_forward(step):
-        msg = original(step)
-        seen.append((algo.turn, msg.labels.clone()))
-        return msg
+    def record(direction, client, msg, nbytes):  # what each client's forward sent up
+        if direction == "up" and isinstance(msg, Activations):
+            seen.append((client, msg.labels.clone()))
 
-    algo.client.forward = recording_forward
+    grid.observers.append(record)
+    algo.join(0)
     for t in range(3):
         algo.step(t)
     (turn_a, first), (_, _), (turn_b, third) = seen
-    assert turn_a == turn_b == 0
+    assert turn_a == turn_b == "0"
     assert first.shape != third.shape or not torch.equal(first, third)

@@ -93,7 +93,7 @@ def test_quick_numbers_are_sane(quick_out):
 def test_lean_loading_equals_the_engine_model():
     import torch
 
-    from splitlora.bench.lean import lean_load
+    from splitlora.models.lean import lean_load
     from splitlora.models.loading import load_model
     from splitlora.models.split import client_forward, server_forward
 

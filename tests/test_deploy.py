@@ -1,6 +1,6 @@
-"""Deployment over gRPC on 127.0.0.1: same adapter as `splitlora train`, security, faults.
+"""Deployment over gRPC on 127.0.0.1: same adapter as `splitlora train`, lean parties, security, faults.
 
-Every wait has a timeout and every process is killed in a finalizer. The two process tests run the
+Every wait has a timeout and every process is killed in a finalizer. The process tests run the
 real commands (`python -m splitlora.cli serve|client`); the others run the server in a thread.
 """
 
@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from splitlora.transport import splitlora_pb2 as pb
 from splitlora.transport import splitlora_pb2_grpc as pb_grpc
-from splitlora.transport.grpc_server import CHECKPOINT_DIR
+from splitlora.transport.serve import CHECKPOINT_DIR
 from splitlora.transport.loopback import Loopback, run_loopback
 from splitlora.transport.wire import PROTOCOL_VERSION, from_chunks, tensor_to_proto, to_chunks
+
+TOKENS = {"0": "token-zero-" + "x" * 20, "1": "token-one-" + "y" * 20}
 
 STEPS = 14
 
@@ -125,41 +127,65 @@ def events(records, name):
     return [r for r in records if r.get("event") == name]
 
 
-def test_each_side_holds_only_its_part(tmp_path):
-    """After start-up the server keeps blocks K.. (+ head), a client blocks ..K-1 (+ embeddings)."""
-    import gc
-    import weakref
+def read_records(server_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (server_dir / "metrics.jsonl").read_text().splitlines()]
 
-    from splitlora.data.e2e import load_e2e
-    from splitlora.models.loading import load_model
-    from splitlora.transport.grpc_client import ClientOptions, RemoteClient
-    from splitlora.transport.grpc_server import build_server_side, run_spec
 
-    cfg = deploy_config()
-    loaded = load_model(cfg.model)
-    h = loaded.model.transformer.h
-    first, last = weakref.ref(h[0].attn.c_attn.weight), weakref.ref(h[-1].attn.c_attn.weight)
-    side = build_server_side(cfg, loaded)
-    del loaded, h
-    gc.collect()
-    assert first() is None and last() is not None  # blocks below the cut are gone from the server
-    assert sorted(side.server.part.transformer.h.keys()) == ["2", "3"]
-    assert all(k.startswith(("transformer.h.0.", "transformer.h.1.")) for k in side.init_client_state)
+# ---- lean parties ------------------------------------------------------------------------------
 
-    data = tmp_path / "c.csv"
-    data.write_text("mr,ref\n\"name[Aromi]\",Aromi is a pub.\n")
-    client = RemoteClient(ClientOptions(server="127.0.0.1:1", client_id=0, token="t", data=str(data), progress=False))
-    loaded = load_model(cfg.model)
-    h = loaded.model.transformer.h
-    first, last = weakref.ref(h[0].attn.c_attn.weight), weakref.ref(h[-1].attn.c_attn.weight)
-    client._loaded, client.examples = loaded, load_e2e(data)  # what run() does before it connects
-    client._setup(pb.HelloReply(protocol_version=PROTOCOL_VERSION, run=run_spec(cfg), base_fingerprint=side.fingerprint))
-    del loaded, h
-    gc.collect()
-    assert first() is not None and last() is None  # blocks above the cut are gone from the client
-    assert sorted(client.client.part.transformer.h.keys()) == ["0", "1"]
-    client.channel.close()
-    client._bar.close()
+def _model_without(tmp_path: Path, name: str, drop) -> Path:
+    """A copy of the tiny-gpt2 model directory whose safetensors lacks the tensors ``drop(key)`` names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from splitlora.models.loading import resolve_model
+
+    src = Path(resolve_model("tiny-gpt2"))
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    weights = load_file(str(src / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not drop(k)}, str(dst / "model.safetensors"))
+    return dst
+
+
+def _block(key: str) -> int | None:
+    return int(key.split(".h.")[1].split(".")[0]) if ".h." in key else None
+
+
+def test_each_lean_party_reads_only_its_part(tmp_path, tiny_gpt2):
+    """A client starts from a checkpoint without the server's tensors, a server from one without the
+    clients'; neither can build the other side; the lean parts equal the simulation's."""
+    from splitlora.errors import UserError
+    from splitlora.models.parts import LeanModel, SharedModel
+
+    cut = 2
+    server_only = lambda k: (_block(k) is not None and _block(k) >= cut) or k.startswith("transformer.ln_f")  # noqa: E731
+    client_only = lambda k: (_block(k) is not None and _block(k) < cut) or k.startswith("transformer.wpe")  # noqa: E731
+    for name, drop, works, fails in [("no-server", server_only, "client", "server"),
+                                     ("no-client", client_only, "server", "client")]:
+        path = _model_without(tmp_path, name, drop)
+        cfg = deploy_config(model=str(path))
+        lean = LeanModel(str(path), cfg)
+        part = lean.part(works)
+        shared = SharedModel(tiny_gpt2, cfg).part(works)
+        got, want = dict(part.named_parameters()), dict(shared.named_parameters())
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        blocks = sorted(int(i) for i in part.transformer.h.keys())
+        assert blocks == ([0, 1] if works == "client" else [2, 3])
+        with pytest.raises(UserError, match="no weights"):
+            lean.part(fails)
+        # What one side reads of the other's file is enough to check the other's fingerprint.
+        assert lean.fingerprint(works) == LeanModel("tiny-gpt2", cfg).fingerprint(works)
+
+
+def test_lean_init_is_the_simulation_init(tiny_gpt2):
+    """The server computes the run's initial adapter from a tensor-less skeleton: the same numbers."""
+    from splitlora.models.parts import LeanModel, SharedModel
+
+    cfg = deploy_config(client_lora={"rank": 4}, server_lora={"rank": 8})
+    lean, shared = LeanModel("tiny-gpt2", cfg).initial_state(), SharedModel(tiny_gpt2, cfg).initial_state()
+    assert lean.keys() == shared.keys() and all(torch.equal(lean[k], shared[k]) for k in lean)
 
 
 # ---- in one process (threads) ------------------------------------------------------------------
@@ -168,20 +194,21 @@ def test_loopback_threads_matches_train(reference, tmp_path, monkeypatch):
     """run_loopback (the benchmark entry point) gives train's adapter and train's byte counts.
 
     And the server builds received tensors on its loop thread, never in a gRPC handler thread: a
-    torch op there gives OpenMP a second thread team and slows every step (grpc_server._decode).
+    torch op there gives OpenMP a second thread team and slows every step (transport/sessions.py).
     """
-    from splitlora.transport import grpc_server
+    from splitlora.transport import sessions
 
     decoded_on = []
-    for name in ("activations_from_proto", "update_from_proto"):
-        def recorded(*args, _real=getattr(grpc_server, name), _name=name):
-            decoded_on.append((_name, threading.current_thread().name))
-            return _real(*args)
-        monkeypatch.setattr(grpc_server, name, recorded)
+
+    def recorded(*args, _real=sessions.reply_from_proto):
+        decoded_on.append(threading.current_thread().name)
+        return _real(*args)
+
+    monkeypatch.setattr(sessions, "reply_from_proto", recorded)
     cfg, csvs, result = reference
     out = run_loopback(cfg, csvs, tmp_path / "loop", wire_dtype="fp32", mode="threads", timeout=240)
-    assert {n for n, _ in decoded_on} == {"activations_from_proto", "update_from_proto"}
-    assert {thread for _, thread in decoded_on} == {"loopback-server"}, decoded_on
+    assert len(decoded_on) >= cfg.steps * cfg.clients
+    assert set(decoded_on) == {"loopback-server"}, set(decoded_on)
     diff = max_abs_diff(adapter(result.adapter_dir), adapter(out["adapter_dir"]))
     print(f"\nmax |adapter(loopback threads) - adapter(train)| = {diff:.3g}")
     assert diff <= 1e-6
@@ -203,22 +230,59 @@ def test_loopback_bf16_matches_the_simulation_at_bf16(tmp_path, tiny_gpt2):
     assert out["bytes_down_per_step"] < 0.75 * fp32["bytes_down_per_step"]
 
 
+def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, monkeypatch):
+    """End to end on loopback: every message the U-shaped server receives holds floats (and the
+    uint8 attention mask) only, never labels or token ids; and the adapter is the simulation's."""
+    from splitlora.train import train
+    from splitlora.transport.sessions import GrpcGrid
+
+    received = []
+    real = GrpcGrid.exchange
+
+    def exchange(self, name, msg, wire_bytes, active):
+        received.append(pb.ClientMessage.FromString(msg.SerializeToString()))
+        return real(self, name, msg, wire_bytes, active)
+
+    monkeypatch.setattr(GrpcGrid, "exchange", exchange)
+    cfg = deploy_config(clients=2, steps=4, split_shape="u-shape", tail_layers=1, cut_layer=1)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    sim = train(cfg, tmp_path / "train", progress=False)
+    out = run_loopback(cfg, csvs, tmp_path / "loop", mode="threads", timeout=240)
+    assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) == 0
+    kinds = [m.WhichOneof("payload") for m in received]
+    assert kinds.count("activations") == kinds.count("tail_grad") == cfg.steps * cfg.clients
+
+    def tensors(msg):
+        for field, value in msg.ListFields():
+            for item in (value if field.is_repeated else [value]):
+                if isinstance(item, pb.Tensor):
+                    yield field.name, item
+                elif hasattr(item, "ListFields"):
+                    yield from tensors(item)
+
+    seen = [(n, t.dtype) for m in received for n, t in tensors(m)]
+    assert seen and not [n for n, _ in seen if n == "labels"]
+    assert {d for n, d in seen if n != "attention_mask"} == {pb.FLOAT32}
+    assert {d for n, d in seen if n == "attention_mask"} == {pb.UINT8}
+
+
 class ThreadServer:
     """`serve` in a thread of this process, for poking at it with hand-made messages."""
 
-    def __init__(self, cfg, out: Path, tokens: dict[int, str], **options):
-        from splitlora.transport.grpc_server import ServeOptions, serve
+    def __init__(self, cfg, out: Path, tokens: dict[str, str], **options):
+        from splitlora.config import ServeOptions
+        from splitlora.transport.serve import serve
 
         self.box, self.error, self.result = [], None, None
         ready = threading.Event()
         self.port = 0
-        opts = ServeOptions(tokens=tokens, listen="127.0.0.1:0", progress=False, handle_signals=False,
-                            join_timeout=120, **options)
+        options = {"join_timeout": 120, "linger": 1.0, **options}
+        opts = ServeOptions(tokens=tokens, listen="127.0.0.1:0", progress=False, handle_signals=False, **options)
 
         def run():
             try:
                 self.result = serve(cfg, opts, out, on_ready=lambda p: (setattr(self, "port", p), ready.set()),
-                                    coordinator_box=self.box)
+                                    grid_box=self.box)
             except BaseException as exc:  # noqa: BLE001 - the test reads it
                 self.error = exc
                 ready.set()
@@ -227,11 +291,11 @@ class ThreadServer:
         self.thread.start()
         assert ready.wait(120), "server did not start"
         assert self.error is None, self.error
-        self.coord = self.box[0]
+        self.grid = self.box[0]
 
     def stop(self):
         if self.thread.is_alive():
-            self.coord.request_stop("test over")
+            self.grid.request_stop("test over")
             self.thread.join(30)
 
 
@@ -249,36 +313,61 @@ def code_of(call) -> grpc.StatusCode:
     return err.value.code()
 
 
-def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
-    """Wrong/missing tokens: UNAUTHENTICATED. Malformed tensors: INVALID_ARGUMENT. The run goes on."""
-    from splitlora.transport.grpc_client import ClientOptions, RemoteClient
+def md(name: str, token: str | None = None):
+    return (("authorization", f"Bearer {token or TOKENS[name]}"), ("splitlora-client-id", name))
 
-    caplog.set_level("WARNING", logger="splitlora.transport.grpc_server")
+
+def honest_client(port, name, csv, errors, tokens=TOKENS, **options):
+    from splitlora.config import ClientOptions
+    from splitlora.transport.remote_client import RemoteClient
+
+    def run():
+        try:
+            RemoteClient(ClientOptions(server=f"127.0.0.1:{port}", client_id=name, token=tokens[name],
+                                       data=str(csv), progress=False, reconnect_timeout=30, **options)).run()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def poll_until_asked(stub, session, metadata, want="forward", limit=40):
+    """Exchange polls until the server's commands end with ``want``; returns that command."""
+    for _ in range(limit):
+        out = rpc(stub, "Exchange", pb.ClientMessage(session=session), metadata, pb.ServerMessage, timeout=120)
+        last = out.commands[-1]
+        if last.WhichOneof("kind") == want:
+            return last
+    raise AssertionError(f"the server never sent {want}")
+
+
+def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
+    """Wrong/missing tokens: UNAUTHENTICATED. Malformed messages: INVALID_ARGUMENT, and the sender is
+    dropped. The run goes on with the honest client; nothing of a client's data is on the server's disk."""
+    caplog.set_level("WARNING", logger="splitlora.transport.server")
     cfg = deploy_config(clients=2, steps=4)
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
-    tokens = {0: "token-zero-" + "x" * 20, 1: "token-one-" + "y" * 20}
-    server = ThreadServer(cfg, tmp_path / "server", tokens, client_timeout=60)
+    server = ThreadServer(cfg, tmp_path / "server", TOKENS, client_timeout=60)
     client_thread = None
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         stub = pb_grpc.SplitLoRAStub(channel)
-        md0 = (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "0"))
         hello = pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5)
-        for metadata in [(), (("authorization", f"Bearer {tokens[1]}"), ("splitlora-client-id", "0")),
-                         (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "7")),
-                         (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "zero")),
-                         (("authorization", tokens[0]), ("splitlora-client-id", "0"))]:
+        for metadata in [(), md("0", TOKENS["1"]), md("7", TOKENS["0"]), md("zero", TOKENS["0"]),
+                         (("authorization", TOKENS["0"]), ("splitlora-client-id", "0"))]:
             assert code_of(lambda: rpc(stub, "Hello", hello, metadata, pb.HelloReply)) == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: stub.Leave(pb.Done(), timeout=30)) == grpc.StatusCode.UNAUTHENTICATED
-        assert server.coord.refused == 6
+        assert server.grid.refused == 6
         assert sum("refused" in r.getMessage() for r in caplog.records) == 6
-        assert not any(tokens[0] in r.getMessage() or tokens[1] in r.getMessage() for r in caplog.records)
+        assert not any(TOKENS["0"] in r.getMessage() or TOKENS["1"] in r.getMessage() for r in caplog.records)
         bad_version = pb.HelloRequest(protocol_version=99, num_samples=5)
-        assert code_of(lambda: rpc(stub, "Hello", bad_version, md0, pb.HelloReply)) == grpc.StatusCode.FAILED_PRECONDITION
+        assert code_of(lambda: rpc(stub, "Hello", bad_version, md("0"), pb.HelloReply)) == grpc.StatusCode.FAILED_PRECONDITION
 
         # The command line: a wrong token is one line on stderr and exit code 2.
         wrong = tmp_path / "wrong.token"
-        wrong.write_text("not-the-token\n")
+        wrong.write_text("not-the-token-at-all\n")
         proc = subprocess.run([sys.executable, "-m", "splitlora.cli", "client", "--server", f"127.0.0.1:{server.port}",
                                "--token-file", str(wrong), "--client-id", "0", "--data", str(csvs[0]), "--quiet",
                                "--reconnect-timeout", "5"], capture_output=True, text=True, timeout=120)
@@ -289,70 +378,41 @@ def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
 
         # A real client 1, and a hand-made client 0 that sends garbage.
         errors = []
-
-        def run_client():
-            try:
-                RemoteClient(ClientOptions(server=f"127.0.0.1:{server.port}", client_id=1, token=tokens[1],
-                                           data=str(csvs[1]), progress=False, reconnect_timeout=30),
-                             loaded=tiny_gpt2).run()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        client_thread = threading.Thread(target=run_client, daemon=True)
-        client_thread.start()
+        client_thread = honest_client(server.port, "1", csvs[1], errors)
         joined = rpc(stub, "Hello", pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5, join=True),
-                     md0, pb.HelloReply, timeout=120)
-        assert joined.session and joined.start_step == 0 and "tiny-gpt2" in joined.run.config_yaml
-        h = 64  # tiny-gpt2's hidden size
-        b, t = 2, 10
-
-        def step_msg(hidden=None, mask=None, labels=None, session=joined.session, step=0):
-            labels_t = torch.full((b, t), -100, dtype=torch.int32)
-            labels_t[:, 5:] = 11
-            return pb.ActivationsUp(
-                session=session, step=step,
-                hidden=hidden if hidden is not None else tensor_to_proto(torch.randn(b, t, h)),
-                attention_mask=mask if mask is not None else tensor_to_proto(torch.ones(b, t, dtype=torch.uint8)),
-                labels=labels if labels is not None else tensor_to_proto(labels_t))
-
-        def step_code(msg=None, chunks=None):
-            def call():
-                responses = stub.Step(iter(chunks) if chunks is not None else to_chunks(msg), metadata=md0, timeout=60)
-                from_chunks(responses, pb.GradientsDown, 1 << 30)
-            return code_of(call)
-
-        good = step_msg()
-        truncated = step_msg()
-        truncated.hidden.data = truncated.hidden.data[:-5]
+                     md("0"), pb.HelloReply, timeout=120)
+        assert joined.session and joined.index == 0 and "tiny-gpt2" in joined.config_yaml
+        forward = poll_until_asked(stub, joined.session, md("0"))
+        b, t, h = 2, 10, 64  # tiny-gpt2's hidden size
         nan = torch.randn(b, t, h)
         nan[0, 0, 0] = float("nan")
-        whole = good.SerializeToString()
-        invalid = {
-            "wrong shape": step_msg(hidden=tensor_to_proto(torch.randn(b, t, h + 1))),
-            "wrong dtype": step_msg(hidden=tensor_to_proto(torch.randn(b, t, h).half())),
-            "truncated bytes": truncated,
-            "too long": step_msg(hidden=tensor_to_proto(torch.randn(b, cfg.max_length + 1, h))),
-            "too many rows": step_msg(hidden=tensor_to_proto(torch.randn(cfg.batch_size + 1, t, h))),
-            "nan": step_msg(hidden=tensor_to_proto(nan)),
-            "labels out of vocabulary": step_msg(labels=tensor_to_proto(torch.full((b, t), 10 ** 6, dtype=torch.int32))),
-            "mask not right-padded": step_msg(mask=tensor_to_proto(torch.tensor([[0] * 5 + [1] * 5] * b, dtype=torch.uint8))),
-        }
-        for name, msg in invalid.items():
-            assert step_code(msg) == grpc.StatusCode.INVALID_ARGUMENT, name
+        labels = torch.full((b, t), -100, dtype=torch.int32)
+        labels[:, 5:] = 11
+        reply = pb.ClientMessage(session=joined.session, reply_to=forward.id, activations=pb.ActivationsMsg(
+            step=0, hidden=tensor_to_proto(nan), attention_mask=tensor_to_proto(torch.ones(b, t, dtype=torch.uint8)),
+            labels=tensor_to_proto(labels)))
+        assert code_of(lambda: rpc(stub, "Exchange", reply, md("0"), pb.ServerMessage)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert server.grid.invalid == 1
+        # Dropped: its session is gone.
+        assert code_of(lambda: rpc(stub, "Exchange", pb.ClientMessage(session=joined.session), md("0"),
+                                   pb.ServerMessage)) == grpc.StatusCode.ABORTED
+        whole = reply.SerializeToString()
+
+        def exchange_code(chunks):
+            def call():
+                from_chunks(stub.Exchange(iter(chunks), metadata=md("0"), timeout=60), pb.ServerMessage, 1 << 30)
+            return code_of(call)
+
         framing = {
             "oversized": [pb.Chunk(data=whole[:1000], total_bytes=1 << 30)],
             "truncated stream": [pb.Chunk(data=whole[:1000], total_bytes=len(whole))],
             "not protobuf": [pb.Chunk(data=b"\xff" * 64, total_bytes=64)],
         }
         for name, chunks in framing.items():
-            assert step_code(chunks=chunks) == grpc.StatusCode.INVALID_ARGUMENT, name
-        assert step_code(step_msg(session=joined.session + 1)) == grpc.StatusCode.ABORTED
-        assert step_code(step_msg(step=3)) == grpc.StatusCode.ABORTED
-        assert server.coord.invalid == len(invalid) + len(framing)
-        assert server.coord.step == 0 and client_thread.is_alive()  # nothing bad reached the model
+            assert exchange_code(chunks) == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert server.grid.invalid == 1 + len(framing)
 
-        # Client 0 leaves; the run finishes with client 1, and the shared adapter is sound.
-        stub.Leave(pb.Done(session=joined.session, error="test client leaving"), metadata=md0, timeout=30)
+        # The run finishes with client 1, and the shared adapter is sound.
         client_thread.join(180)
         server.thread.join(180)
         assert not errors, errors
@@ -360,8 +420,9 @@ def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
         assert server.result.finished and server.result.steps_done == cfg.steps
         state = adapter(server.result.adapter_dir)
         assert all(torch.isfinite(v).all() for v in state.values())
-        records = [json.loads(x) for x in (tmp_path / "server/metrics.jsonl").read_text().splitlines()]
-        assert events(records, "drop")[0]["client"] == 0
+        records = read_records(tmp_path / "server")
+        (drop,) = events(records, "drop")
+        assert drop["client"] == "0" and "invalid Forward reply" in drop["reason"]
         assert all(r["clients"] == 1 for r in step_rows(records))
         # Nothing of a client's data is on the server's disk: its outputs are exactly these.
         names = {p.relative_to(tmp_path / "server").as_posix() for p in (tmp_path / "server").rglob("*") if p.is_file()}
@@ -377,36 +438,22 @@ def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
 
 def test_stalled_client_is_dropped(tmp_path, tiny_gpt2):
     """A client that joins and then sends nothing is dropped after --client-timeout; the run goes on."""
-    from splitlora.transport.grpc_client import ClientOptions, RemoteClient
-
     cfg = deploy_config(clients=2, steps=3)
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
-    tokens = {0: "t0-" + "a" * 30, 1: "t1-" + "b" * 30}
-    server = ThreadServer(cfg, tmp_path / "server", tokens, client_timeout=2)
+    server = ThreadServer(cfg, tmp_path / "server", TOKENS, client_timeout=2)
     errors = []
-
-    def run_client():
-        try:
-            RemoteClient(ClientOptions(server=f"127.0.0.1:{server.port}", client_id=1, token=tokens[1],
-                                       data=str(csvs[1]), progress=False, reconnect_timeout=30), loaded=tiny_gpt2).run()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    client = threading.Thread(target=run_client, daemon=True)
+    client = honest_client(server.port, "1", csvs[1], errors)
     try:
-        client.start()
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            md0 = (("authorization", f"Bearer {tokens[0]}"), ("splitlora-client-id", "0"))
             hello = pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5, join=True)
-            joined = rpc(pb_grpc.SplitLoRAStub(channel), "Hello", hello, md0, pb.HelloReply, timeout=120)
+            joined = rpc(pb_grpc.SplitLoRAStub(channel), "Hello", hello, md("0"), pb.HelloReply, timeout=120)
             assert joined.session  # ... and then silence
             client.join(180)
             server.thread.join(60)
         assert not errors and server.error is None, (errors, server.error)
-        records = [json.loads(x) for x in (tmp_path / "server/metrics.jsonl").read_text().splitlines()]
-        (drop,) = events(records, "drop")
-        assert drop["client"] == 0 and drop["step"] == 0 and "within 2s" in drop["reason"]
-        assert [r["clients"] for r in step_rows(records)] == [1] * cfg.steps
+        (drop,) = events(read_records(tmp_path / "server"), "drop")
+        assert drop["client"] == "0" and drop["step"] == 0 and "within 2s" in drop["reason"]
+        assert [r["clients"] for r in step_rows(read_records(tmp_path / "server"))] == [1] * cfg.steps
     finally:
         server.stop()
         client.join(30)
@@ -462,13 +509,50 @@ def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_
     lb.start_server(*serve_args, resume=True, listen=endpoint)
     assert lb.wait(lb.server, 180, "resumed server") == 0, lb.tail("server.log")
     for i, proc in lb.clients.items():
-        assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(f"client{i}.log")
+        assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(lb.client_log(i))
     records = lb.metrics()
     assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
     assert len(events(records, "resume")) == 2
     diff = max_abs_diff(adapter(result.adapter_dir), adapter(lb.server_dir / "adapter"))
     print(f"\nmax |adapter(serve + 3 client processes over TLS, Ctrl-C at step {stopped}, SIGKILL at step "
           f"{killed}, resumed twice) - adapter(train)| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
+@pytest.mark.parametrize("algorithm,extra", [("sl", {}), ("fed", {}),
+                                             ("splitlora", {"split_shape": "u-shape", "tail_layers": 1})],
+                         ids=["sl", "fed", "splitlora-u-shape"])
+def test_named_clients_kill_resume_equals_train(tmp_path, tiny_gpt2, algorithm, extra):
+    """`serve` + clients named alice and bob, as docs/deployment.md shows; SIGKILL the server after a
+    checkpoint, --resume: the adapter equals `splitlora train`'s, every step once."""
+    from splitlora.train import train
+
+    cfg = deploy_config(algorithm=algorithm, clients=2, steps=10, **extra)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    result = train(cfg, tmp_path / "train", progress=False)
+    with Loopback(cfg, csvs, tmp_path / "lb", names=["alice", "bob"]) as lb:
+        serve_args = ("--client-timeout", "60", "--join-timeout", "120")
+        lb.start_server(*serve_args)
+        endpoint = lb.endpoint()
+        for i in range(2):
+            lb.start_client(i, "--reconnect-timeout", "120", endpoint=endpoint)
+        lb.wait_for(lambda rs: events(rs, "checkpoint") and step_rows(rs)[-1]["step"] > events(rs, "checkpoint")[-1]["step"],
+                    timeout=150, what="a step after a checkpoint")
+        lb.kill(lb.server, signal.SIGKILL)
+        killed = step_rows(lb.metrics())[-1]["step"]
+        assert killed < cfg.steps, "the run finished before the kill; make it longer"
+        lb.start_server(*serve_args, resume=True, listen=endpoint)
+        assert lb.wait(lb.server, 180, "resumed server") == 0, lb.tail("server.log")
+        for i, proc in lb.clients.items():
+            assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(lb.client_log(i))
+        records = lb.metrics()
+        assert "client alice joined" in (lb.root / "server.log").read_text() or events(records, "join")
+    assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
+    assert {e["client"] for e in events(records, "join")} == {"alice", "bob"}
+    assert same_rows(result.out_dir, tmp_path / "lb/server")
+    diff = max_abs_diff(adapter(result.adapter_dir), adapter(tmp_path / "lb/server/adapter"))
+    print(f"\n{algorithm} {extra}: max |adapter(serve, alice + bob, SIGKILL at step {killed}, resumed) - "
+          f"adapter(train)| = {diff:.3g}")
     assert diff <= 1e-6
 
 
@@ -483,15 +567,15 @@ def test_processes_client_killed_mid_round_rejoins(tmp_path, tiny_gpt2):
             lb.start_client(i, "--reconnect-timeout", "120", endpoint=endpoint)
         lb.wait_for(lambda rs: events(rs, "aggregate"), timeout=150, what="the first round")
         lb.kill(lb.clients[1], signal.SIGKILL)
-        records = lb.wait_for(lambda rs: any(e["client"] == 1 for e in events(rs, "drop")), timeout=60,
+        records = lb.wait_for(lambda rs: any(e["client"] == "1" for e in events(rs, "drop")), timeout=60,
                               what="client 1 dropped")
-        dropped_at = [e for e in events(records, "drop") if e["client"] == 1][0]["step"]
+        dropped_at = [e for e in events(records, "drop") if e["client"] == "1"][0]["step"]
         lb.start_client(1, "--reconnect-timeout", "120", endpoint=endpoint)
         assert lb.wait(lb.server, 180, "server") == 0, lb.tail("server.log")
         for i, proc in lb.clients.items():
-            assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(f"client{i}.log")
+            assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(lb.client_log(i))
         records = lb.metrics()
-    rejoined_at = [e for e in events(records, "join") if e["client"] == 1][-1]["step"]
+    rejoined_at = [e for e in events(records, "join") if e["client"] == "1"][-1]["step"]
     assert 0 < dropped_at <= rejoined_at < cfg.steps
     assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
     assert all(r["clients"] == 2 for r in step_rows(records) if r["step"] <= dropped_at)
@@ -503,19 +587,26 @@ def test_serve_and_client_bad_input(tmp_path, capsys, monkeypatch):
     from splitlora import cli
 
     tokens = tmp_path / "tokens"
-    tokens.write_text("0 abc\n")
+    tokens.write_text(f"alice {'a' * 20}\n")
+    token = tmp_path / "alice.token"
+    token.write_text("a" * 20 + "\n")
     cases = [
         (["serve", "--token-file", str(tmp_path / "none")], "token file not found"),
         (["serve", "--token-file", str(tokens), "--model", "tiny-gpt2", "--clients", "2"], "lists 1 clients"),
         (["serve", "--token-file", str(tokens), "--clients", "1", "--listen", "nowhere"], "HOST:PORT"),
         (["serve", "--token-file", str(tokens), "--clients", "1", "--tls-cert", str(tokens)], "PEM"),
         (["serve", "--token-file", str(tokens), "--clients", "1", "--min-clients", "2"], "--min-clients"),
+        (["serve", "--token-file", str(tokens), "--clients", "1", "--algorithm", "cen"], "nothing to send"),
         (["serve", "--token-file", str(tokens), "--clients", "1", "--resume", "--out", str(tmp_path / "o")],
          "no checkpoint"),
-        (["client", "--server", "127.0.0.1:1", "--token-file", str(tokens), "--client-id", "0",
+        (["client", "--server", "127.0.0.1:1", "--token-file", str(token), "--client-id", "alice",
           "--data", str(tmp_path / "none.csv")], "data file not found"),
-        (["client", "--server", "127.0.0.1", "--token-file", str(tokens), "--client-id", "0",
+        (["client", "--server", "127.0.0.1", "--token-file", str(token), "--client-id", "alice",
           "--data", str(tokens)], "HOST:PORT"),
+        (["client", "--server", "127.0.0.1:1", "--token-file", str(token), "--client-id", "bad name!",
+          "--data", str(tokens)], "client name"),
+        (["client", "--server", "127.0.0.1:1", "--token-file", str(tokens), "--client-id", "alice",
+          "--data", str(tokens)], "the token alone"),
     ]
     for argv, needle in cases:
         monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [])  # main() registers the subcommands on every call

@@ -129,12 +129,12 @@ def test_tracer_bytes_match_the_link_and_the_formula(tiny_gpt2):
     b = _built("splitlora", tiny_gpt2, clients=2, aggregate_every=1)
     hidden = tiny_gpt2.model.config.hidden_size
     for t in range(2):
-        up0, down0, padded0 = b.link.bytes_up, b.link.bytes_down, b.tokens.padded_tokens
+        up0, down0, padded0 = b.grid.traffic.up, b.grid.traffic.down, b.tokens.padded_tokens
         b.tracer.begin()
         b.algo.step(t)
         tr = b.tracer.end()
-        assert tr.bytes_up == b.link.bytes_up - up0
-        assert tr.bytes_down == b.link.bytes_down - down0
+        assert tr.bytes_up == b.grid.traffic.up - up0
+        assert tr.bytes_down == b.grid.traffic.down - down0
         assert len(tr.clients) == 2 and len(tr.sync_up_bytes) == 2 and len(tr.sync_down_bytes) == 2
         up, down = activation_bytes(1, b.tokens.padded_tokens - padded0, hidden, 4)
         assert sum(c.up_bytes for c in tr.clients) == up
@@ -161,6 +161,36 @@ def test_sl_hand_over_is_traced_as_sync(tiny_gpt2):
         b.tracer.begin()
         b.algo.step(t)
         traces.append(b.tracer.end())
-    assert not traces[0].sync_up_bytes
-    assert traces[1].sync_up_bytes and traces[1].sync_up_bytes == traces[1].sync_down_bytes
+    # Each turn: the adapter and its AdamW moments come down to the turn's client (from the server,
+    # which has the initial one at first) and go back up at its end.
+    for tr in traces:
+        assert tr.sync_up_bytes and tr.sync_up_bytes == tr.sync_down_bytes
     assert math.isfinite(LatencyModel().step_time(traces[1]))
+
+
+def test_u_shape_adds_one_round_trip_per_client_batch(tiny_gpt2):
+    """The U-shape's trace: no labels up, h_(L-T) down and dL/dh_(L-T) up, the tail's FLOPs on the
+    client; the model charges exactly that extra round trip."""
+    from splitlora.bench.trace import activation_bytes
+
+    two = _built("splitlora", tiny_gpt2, clients=1, aggregate_every=10)
+    u = _built("splitlora", tiny_gpt2, clients=1, aggregate_every=10, split_shape="u-shape", tail_layers=1)
+    traces = {}
+    for name, b in (("two", two), ("u", u)):
+        padded0 = b.tokens.padded_tokens
+        b.tracer.begin()
+        b.algo.step(0)
+        traces[name] = (b.tracer.end(), b.tokens.padded_tokens - padded0)
+    (t2, n2), (tu, nu) = traces["two"], traces["u"]
+    assert n2 == nu  # the same batch
+    hidden = tiny_gpt2.model.config.hidden_size
+    (cu,) = tu.clients
+    assert tu.u_shape and cu.tail_flops > 0 and cu.server_bwd_flops > 0
+    assert cu.up_bytes == activation_bytes(1, nu, hidden, 4, labels=False)[0]
+    assert cu.mid_down_bytes == cu.mid_up_bytes == cu.down_bytes == nu * hidden * 4
+    # Same matmuls in all (the tail moved from server to client), one more round trip.
+    assert tu.client_flops + tu.server_flops == pytest.approx(t2.client_flops + t2.server_flops, rel=0.01)
+    m = LatencyModel(client_flops=1e12, server_flops=1e12, message_latency_s=0.05)
+    extra = m.step_time(tu) - m.step_time(t2)
+    moved = m.down_s(cu.mid_down_bytes) + m.up_s(cu.mid_up_bytes) - 8.0 * (t2.clients[0].up_bytes - cu.up_bytes) / m.uplink_bps
+    assert extra == pytest.approx(moved, rel=1e-6)

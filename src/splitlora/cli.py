@@ -13,40 +13,33 @@ from typing import Callable
 
 from .errors import OneLineParser, run_command
 
-# flag -> config key, for ``splitlora train`` (and the parts of it other commands share)
-TRAIN_FLAGS: dict[str, tuple[str, type]] = {
-    "--algorithm": ("algorithm", str),
-    "--model": ("model", str),
-    "--data": ("data", str),
-    "--clients": ("clients", int),
-    "--cut-layer": ("cut_layer", int),
-    "--steps": ("steps", int),
-    "--batch-size": ("batch_size", int),
-    "--lr": ("lr", float),
-    "--aggregate-every": ("aggregate_every", int),
-    "--partition": ("partition", str),
-    "--seed": ("seed", int),
-    "--server-mode": ("server_mode", str),
-    "--wire-dtype": ("wire_dtype", str),
-    "--max-length": ("max_length", int),
-    "--eval-every": ("eval_every", int),
-    "--threads": ("threads", int),
-    "--device": ("device", str),
-}
-# flags that set both sides' LoRA
-LORA_FLAGS: dict[str, tuple[str, type]] = {
-    "--rank": ("rank", int),
-    "--alpha": ("alpha", float),
-    "--lora-dropout": ("dropout", float),
-}
+def config_flags() -> dict[str, tuple[str, type, str]]:
+    """``--flag`` -> (config key, type, help) for every config field that has a flag. A flag of
+    ``LoraSide`` sets both sides (``client_lora`` and ``server_lora``)."""
+    import dataclasses
+    import typing
+
+    from .config import Aggregation, LoraSide, Privacy, RunConfig
+
+    out: dict[str, tuple[str, type, str]] = {}
+    for cls, prefix in ((RunConfig, ""), (LoraSide, "*lora."), (Privacy, "privacy."), (Aggregation, "aggregation.")):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if flag:
+                typ = hints[f.name]
+                typ = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
+                out[flag] = (prefix + f.name, typ, f.metadata.get("help", ""))
+    return out
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config (the format train writes to DIR/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set client_lora.rank=4 (repeatable)")
-    for flag, (key, typ) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
-        p.add_argument(flag, type=typ, default=None, help=f"config key {key}")
+    for flag, (key, typ, text) in config_flags().items():
+        where = "both sides' LoRA: " if key.startswith("*lora.") else ""
+        p.add_argument(flag, type=typ, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]")
 
 
 def resolve_config(args: argparse.Namespace):
@@ -56,15 +49,15 @@ def resolve_config(args: argparse.Namespace):
     raw = read_yaml(args.config) if args.config else {}
     cfg = RunConfig.from_dict(raw)
     overrides = parse_set(args.set)
-    for flag, (key, _) in TRAIN_FLAGS.items():
+    for flag, (key, _, _) in config_flags().items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
+        if value is None:
+            continue
+        if key.startswith("*lora."):
+            overrides[f"client_lora.{key[6:]}"] = value
+            overrides[f"server_lora.{key[6:]}"] = value
+        else:
             overrides[key] = value
-    for flag, (key, _) in LORA_FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            overrides[f"client_lora.{key}"] = value
-            overrides[f"server_lora.{key}"] = value
     return cfg.with_overrides(overrides) if overrides else cfg
 
 

@@ -1,13 +1,20 @@
-"""Run configuration: plain dataclasses, loaded from YAML, validated with one-line errors.
+"""Configuration: plain dataclasses, loaded from YAML, validated with one-line errors.
 
-One dataclass per concept (as in PEFT): :class:`LoraSide` for an adapter, :class:`RunConfig` for a
-run. ``splitlora train`` writes the resolved config to ``DIR/config.yaml``; ``splitlora serve -c``
-reads the same format.
+One dataclass per concept (as in PEFT): :class:`LoraSide` for an adapter, :class:`Privacy` for what
+protects what leaves a client, :class:`Aggregation` for the robust FedAvg, :class:`RunConfig` for a
+run, and :class:`ServeOptions` / :class:`ClientOptions` for the two deployment commands. Every field
+carries its help text in ``metadata["help"]`` (and, where it has one, its ``--flag``): the command
+line, ``--help`` and the docs read them from here.
+
+``splitlora train`` writes the resolved config to ``DIR/config.yaml``; ``splitlora serve -c`` reads
+the same format.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -17,20 +24,36 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .messages import WIRE_DTYPES
 
-ALGORITHMS = ("splitlora", "sl", "fed", "cen")
 SERVER_MODES = ("sequential", "batched")
-WIRE_DTYPES = ("fp32", "bf16", "fp16")
+SPLIT_SHAPES = ("two-part", "u-shape")
+OUTLIER_ACTIONS = ("reject", "clip")
+# Client names: what a token file line and --client-id accept.
+CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None):
+    """A dataclass field with its help text (and command-line flag) attached."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def help_of(cls, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
 @dataclass
 class LoraSide:
-    """LoRA settings of one side of the cut. ``target_modules=None`` takes the family default."""
+    """LoRA settings of one side of the cut."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
+    rank: int = option(8, "LoRA rank r", flag="--rank")
+    alpha: float = option(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank)", flag="--alpha")
+    dropout: float = option(0.0, "dropout on the LoRA input, in [0, 1)", flag="--lora-dropout")
+    target_modules: list[str] | None = option(
+        None, "module names to adapt (null: the family default, q_proj+v_proj or GPT-2's c_attn)")
 
     def validate(self, where: str) -> None:
         if self.rank < 1:
@@ -44,52 +67,125 @@ class LoraSide:
 
 
 @dataclass
+class Privacy:
+    """What protects the tensors a client sends (all off by default; see docs/privacy.md)."""
+
+    clip_norm: float = option(0.0, "clip every token's vector of every activation and gradient a client sends to "
+                                   "this L2 norm C (0: no clipping)", flag="--clip-norm")
+    noise_multiplier: float = option(0.0, "add Gaussian noise N(0, (sigma*C)^2) to every clipped value a client "
+                                          "sends (sigma; needs clip_norm)", flag="--noise-multiplier")
+    delta: float = option(1e-5, "delta of the reported (epsilon, delta) guarantee")
+    nopeek_weight: float = option(0.0, "weight of NoPeek's distance-correlation loss between a client's input "
+                                       "embeddings and the activations it sends (0: off)", flag="--nopeek")
+
+    def validate(self) -> None:
+        if self.clip_norm < 0 or self.noise_multiplier < 0 or self.nopeek_weight < 0:
+            raise UserError("privacy.clip_norm, noise_multiplier and nopeek_weight must be >= 0")
+        if self.noise_multiplier > 0 and self.clip_norm == 0:
+            raise UserError("privacy.noise_multiplier needs privacy.clip_norm > 0 (noise is scaled by the clip norm)")
+        if not 0 < self.delta < 1:
+            raise UserError(f"privacy.delta must be in (0, 1) (got {self.delta})")
+
+
+@dataclass
+class Aggregation:
+    """Robust FedAvg: bounds that one client's upload cannot pass (the same in simulation and deployment)."""
+
+    max_update_ratio: float = option(
+        3.0, "an upload whose change from the current average has an L2 norm above this many times "
+             "max(median change of the other clients of the round, norm of the average) is an outlier (0: no bound)")
+    outliers: str = option("reject", "what happens to an outlier: reject (left out of the average) or clip "
+                                     "(its change scaled down to the bound)")
+    max_samples_per_client: int = option(
+        100_000, "the most samples a client's FedAvg weight counts (a larger declared count is capped and logged)",
+        flag="--max-samples-per-client")
+    max_abs_value: float = option(
+        0.0, "largest magnitude accepted in any activation, gradient or adapter value a party receives "
+             "(0: derived from the model, sqrt(float32 max / hidden size) / 1024, so that no sum of squares "
+             "over a token can overflow)")
+
+    def validate(self) -> None:
+        if self.max_update_ratio < 0:
+            raise UserError(f"aggregation.max_update_ratio must be >= 0 (got {self.max_update_ratio})")
+        if self.outliers not in OUTLIER_ACTIONS:
+            raise UserError(f"aggregation.outliers must be one of {', '.join(OUTLIER_ACTIONS)} (got {self.outliers!r})")
+        if self.max_samples_per_client < 1:
+            raise UserError("aggregation.max_samples_per_client must be >= 1")
+        if self.max_abs_value < 0:
+            raise UserError("aggregation.max_abs_value must be >= 0")
+
+    def value_bound(self, hidden_size: int) -> float:
+        if self.max_abs_value:
+            return self.max_abs_value
+        return math.sqrt(3.4028234663852886e38 / hidden_size) / 1024
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a run. Defaults are the default job (``splitlora train``)."""
 
-    algorithm: str = "splitlora"
-    model: str = "smollm2-135m"
-    data: str = "synthetic"  # "synthetic", an E2E CSV file, or a folder of them
-    synthetic_examples: int = 600
-    val_fraction: float = 0.05
-    max_length: int = 128
-    prompt_template: str = "{mr}\nDescription:"
-    clients: int = 3
-    cut_layer: int = 2
-    partition: str = "iid"  # iid | contiguous | dirichlet:ALPHA
-    partition_key: str = "eatType"
-    steps: int = 40
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 5
-    max_grad_norm: float = 0.0  # 0 = no clipping (as in the LoRA E2E recipe)
-    aggregate_every: int = 5  # I: local steps between FedAvg rounds (sl: steps per client turn)
-    server_mode: str = "sequential"  # splitlora: one server step per client batch, or one per step
-    wire_dtype: str = "fp32"  # dtype of activations and gradients crossing the cut
-    client_lora: LoraSide = field(default_factory=LoraSide)
-    server_lora: LoraSide = field(default_factory=LoraSide)
-    seed: int = 0
-    device: str = "cpu"  # cpu, cuda, cuda:N or auto
-    log_every: int = 1
-    eval_every: int = 0  # validation loss every N steps (0 = only at the end)
-    save_every: int = 0  # also save the adapter every N steps to DIR/adapters/step-N (0 = only at the end)
-    threads: int = 0  # torch intra-op threads (0 = torch default)
+    algorithm: str = option("splitlora", "splitlora | sl | fed | cen (see README, Algorithms)", flag="--algorithm")
+    model: str = option("smollm2-135m", "a preset (smollm2-135m, tiny-gpt2, tiny-llama, gpt2-small, gpt2-medium), "
+                                        "a local model directory, a .gguf file or a hub id", flag="--model")
+    data: str = option("synthetic", "synthetic, an E2E CSV file (columns mr, ref) or a folder of them",
+                       flag="--data")
+    synthetic_examples: int = option(600, "rows of the synthetic data set")
+    val_fraction: float = option(0.05, "fraction of MRs held out for the validation loss")
+    max_length: int = option(128, "tokens per example (prompt + completion), longer ones are cut",
+                             flag="--max-length")
+    prompt_template: str = option("{mr}\nDescription:", "the prompt; {mr} is the meaning representation")
+    clients: int = option(3, "number of clients (data owners)", flag="--clients")
+    cut_layer: int = option(2, "K: the client runs the embeddings and blocks 0..K-1", flag="--cut-layer")
+    split_shape: str = option("two-part", "two-part (the paper's: the server runs blocks K.. and the head, and "
+                                          "receives the labels) or u-shape (the client also runs the last "
+                                          "tail_layers blocks, the norm and the head: labels stay home)",
+                              flag="--split-shape")
+    tail_layers: int = option(1, "T, with split_shape u-shape: the client also runs blocks L-T..L-1 (T >= 0)",
+                              flag="--tail-layers")
+    partition: str = option("iid", "how the training data is split over clients: iid, contiguous or "
+                                   "dirichlet:ALPHA (non-IID by partition_key)", flag="--partition")
+    partition_key: str = option("eatType", "the MR slot that dirichlet partitions by")
+    steps: int = option(40, "engine steps (one local step of every client; sl: of the active client)",
+                        flag="--steps")
+    batch_size: int = option(8, "examples per client batch", flag="--batch-size")
+    lr: float = option(2e-3, "peak learning rate (AdamW, linear warm-up and decay)", flag="--lr")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int = option(5, "learning-rate warm-up steps")
+    max_grad_norm: float = option(0.0, "clip each party's LoRA gradient to this norm (0: no clipping)")
+    aggregate_every: int = option(5, "I: local steps between FedAvg rounds (sl: steps per client turn)",
+                                  flag="--aggregate-every")
+    server_mode: str = option("sequential", "splitlora: sequential (one server step per client batch, the "
+                                            "paper's code) or batched (one server step over all clients' batches)",
+                              flag="--server-mode")
+    wire_dtype: str = option("fp32", f"dtype of activations and gradients crossing the cut: {', '.join(WIRE_DTYPES)}",
+                             flag="--wire-dtype")
+    client_lora: LoraSide = option(help="LoRA of the client side", factory=LoraSide)
+    server_lora: LoraSide = option(help="LoRA of the server side", factory=LoraSide)
+    privacy: Privacy = option(help="protection of what leaves a client", factory=Privacy)
+    aggregation: Aggregation = option(help="robust aggregation and value bounds", factory=Aggregation)
+    seed: int = option(0, "seed of everything random (data order, LoRA init, dropout, noise)", flag="--seed")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto", flag="--device")
+    log_every: int = option(1, "write a metrics row every N steps")
+    eval_every: int = option(0, "validation loss every N steps (0: only at the end)", flag="--eval-every")
+    save_every: int = option(0, "also save the adapter every N steps to DIR/adapters/step-N (0: only at the end)")
+    threads: int = option(0, "torch intra-op threads (0: torch's default)", flag="--threads")
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
+        from .algorithms import ALGORITHMS  # the one registry of algorithm names
+
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
-        if self.server_mode not in SERVER_MODES:
-            raise UserError(f"server_mode must be one of {', '.join(SERVER_MODES)} (got {self.server_mode!r})")
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise UserError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
+        for name, allowed in (("server_mode", SERVER_MODES), ("wire_dtype", tuple(WIRE_DTYPES)),
+                              ("split_shape", SPLIT_SHAPES)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         positive = ("clients", "steps", "batch_size", "aggregate_every", "max_length", "log_every",
                     "synthetic_examples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "eval_every", "save_every", "threads", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "threads", "seed", "tail_layers"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.cut_layer < 1:
@@ -107,7 +203,18 @@ class RunConfig:
             raise UserError("prompt_template must contain {mr}")
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
+        self.privacy.validate()
+        self.aggregation.validate()
         return self
+
+    @property
+    def u_shape(self) -> bool:
+        return self.split_shape == "u-shape"
+
+    @property
+    def tail(self) -> int | None:
+        """T when the split is U-shaped, else None (what :class:`splitlora.models.split.Split` takes)."""
+        return self.tail_layers if self.u_shape else None
 
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +225,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        return _build(cls, raw, "").validate()
+        return build_dataclass(cls, raw, "").validate()
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -139,6 +246,85 @@ class RunConfig:
             node[parts[-1]] = value
         return RunConfig.from_dict(raw)
 
+
+# ---- the deployment commands' options -----------------------------------------------------------
+
+@dataclass
+class ServeOptions:
+    """``splitlora serve``: where and how the server listens, and how it treats its clients."""
+
+    tokens: dict[str, str] = option(help="client name -> token (from --token-file)", factory=dict)
+    listen: str = option("127.0.0.1:50051", "HOST:PORT to listen on (port 0: any free port)", flag="--listen")
+    tls_cert: bytes | None = option(None, "PEM certificate; with --tls-key the server speaks TLS")
+    tls_key: bytes | None = option(None, "PEM private key of --tls-cert")
+    min_clients: int = option(1, "fewest clients a step or an aggregation goes ahead with", flag="--min-clients")
+    client_timeout: float = option(120.0, "seconds a client may take to answer (its step, adapter or hand-over) "
+                                          "before it is dropped", flag="--client-timeout")
+    read_timeout: float = option(30.0, "seconds a client may take to send one message once it started; a slower "
+                                       "stream is cut and its client dropped", flag="--read-timeout")
+    join_timeout: float | None = option(None, "give up when too few clients have joined after S seconds "
+                                              "(default: wait)", flag="--join-timeout")
+    poll_interval: float = option(20.0, "seconds a waiting client's call is held before it is told to call again",
+                                  flag="--poll-interval")
+    linger: float = option(10.0, "seconds the server keeps telling late clients that the run is over",
+                           flag="--linger")
+    checkpoint_every: int = option(0, "checkpoint after the round that completes N more steps (0: every round)",
+                                   flag="--checkpoint-every")
+    resume: bool = option(False, "continue from DIR/checkpoint after a crash or a stop", flag="--resume")
+    max_message_bytes: int = option(512 << 20, "refuse larger messages (they are also checked against the sizes "
+                                               "the config implies)")
+    calls_per_client: int = option(2, "concurrent calls one client may hold open (more are refused)")
+    progress: bool = option(True, "show a progress bar")
+    handle_signals: bool = option(True, "SIGINT/SIGTERM stop at the end of the round (main thread only)")
+
+    def validate(self, cfg: RunConfig) -> "ServeOptions":
+        if cfg.algorithm == "cen":
+            raise UserError("serve does not run algorithm cen: it is one party on pooled data, with nothing to "
+                            "send over a network (use `splitlora train --algorithm cen`)")
+        if not 1 <= self.min_clients <= cfg.clients:
+            raise UserError(f"--min-clients must be between 1 and clients={cfg.clients} (got {self.min_clients})")
+        if len(self.tokens) < cfg.clients:
+            raise UserError(f"the token file lists {len(self.tokens)} clients, the config needs {cfg.clients}")
+        for name in ("client_timeout", "read_timeout", "poll_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0")
+        if self.linger < 0:
+            raise UserError("--linger must be >= 0")
+        if self.join_timeout is not None and self.join_timeout <= 0:
+            raise UserError("--join-timeout must be > 0")
+        if self.checkpoint_every < 0:
+            raise UserError("--checkpoint-every must be >= 0")
+        if self.calls_per_client < 2:
+            raise UserError("calls_per_client must be >= 2 (one exchange and one hello or leave)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UserError("--tls-cert and --tls-key go together")
+        return self
+
+
+@dataclass
+class ClientOptions:
+    """``splitlora client``: one data owner joining a served run."""
+
+    server: str = option(help="HOST:PORT of the server", flag="--server")
+    client_id: str = option(help="this client's name in the server's token file", flag="--client-id")
+    token: str = option(help="this client's token (from --token-file)")
+    data: str = option(help="E2E CSV file (or folder of them): all of it is this client's training data",
+                       flag="--data")
+    tls_ca: bytes | None = option(None, "PEM of the CA that signed the server's certificate (enables TLS)")
+    reconnect_timeout: float = option(300.0, "keep trying to reach the server for S seconds",
+                                      flag="--reconnect-timeout")
+    progress: bool = option(True, "show a progress bar")
+    device: str | None = option(None, "cpu, cuda, cuda:N or auto (default: the run's device if this machine "
+                                      "has it, else cpu)", flag="--device")
+
+
+def check_client_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
+        raise UserError(f"{where}: a client name is 1 to 64 letters, digits, '.', '_' or '-' (got {name!r:.80})")
+    return name
+
+
+# ---- reading --------------------------------------------------------------------------------------
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -171,7 +357,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _build(cls, raw: Any, prefix: str):
+def build_dataclass(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -187,7 +373,7 @@ def _build(cls, raw: Any, prefix: str):
 
 def _coerce(hint, value, key: str):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, key + ".")
+        return build_dataclass(hint, value if value is not None else {}, key + ".")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -212,6 +398,8 @@ def _coerce(hint, value, key: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key} must be a number (got {value!r})")
+        if not math.isfinite(float(value)):
+            raise UserError(f"{key} must be a finite number (got {value!r})")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

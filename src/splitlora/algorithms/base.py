@@ -1,83 +1,55 @@
-"""What every algorithm gets (:class:`Context`) and gives back per step (:class:`StepResult`)."""
+"""What every algorithm shares: the step result, the admission of clients, and FedAvg through the grid."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..config import RunConfig
-from ..data import PreparedData
-from ..data.batching import BatchStream
-from ..models.lora import add_lora, initial_lora_state, load_lora_state, side_lora_config, whole_lora_config
-from ..models.split import architecture_of, make_part
-from ..runtime.client import SplitClient
-from ..runtime.server import SplitServer
-from ..runtime.whole import WholeModelParty
-from ..transport.inprocess import InProcessLink
+from ..messages import Load, Sync, Upload
+from ..models.parts import ModelSource
+from ..runtime.aggregator import fedavg, robust_fedavg
+from ..runtime.grid import ClientInfo, Grid, ask_all
 
 
 @dataclass
 class StepResult:
-    loss: float  # token-weighted mean training loss of this step
+    loss: float | None  # token-weighted mean training loss of this step (None: no loss tokens)
     tokens: int  # completion tokens that carried loss
+    clients: int = 0  # clients whose work went into the step
     events: list[dict] = field(default_factory=list)
+    ran: bool = True  # False: no client took part; the step runs again once clients are back
 
 
-@dataclass
-class Context:
-    cfg: RunConfig
-    model: nn.Module  # the frozen base model; every part shares its tensors
-    data: PreparedData
-    link: InProcessLink
-
-    def __post_init__(self):
-        self.init_state = initial_lora_state(self.model, self.cfg)
-
-    def stream(self, client: int, items=None) -> BatchStream:
-        items = self.data.client_items(client) if items is None else items
-        return BatchStream(items, self.cfg.batch_size, self.model.config.pad_token_id, seed=(self.cfg.seed, client))
-
-    def lora_part(self, side: str) -> nn.Module:
-        """A part of ``side`` with LoRA, initialised from the run's one initial adapter."""
-        part = make_part(self.model, side, self.cfg.cut_layer)
-        if side == "whole":
-            config = whole_lora_config(self.model, self.cfg)
-        else:
-            lora = self.cfg.client_lora if side == "client" else self.cfg.server_lora
-            config = side_lora_config(lora, architecture_of(self.model))
-        add_lora(part, config)
-        load_lora_state(part, self.init_state)
-        return part
-
-    def split_client(self, client: int, total_steps: int) -> SplitClient:
-        return SplitClient(client, self.lora_part("client"), self.stream(client),
-                           len(self.data.client_indices[client]), self.cfg, total_steps)
-
-    def split_server(self, total_steps: int) -> SplitServer:
-        return SplitServer(self.lora_part("server"), self.cfg, total_steps)
-
-    def whole_party(self, client: int, total_steps: int, items=None) -> WholeModelParty:
-        items = self.data.client_items(client) if items is None else items
-        return WholeModelParty(client, self.lora_part("whole"), self.stream(client, items), len(items),
-                               self.cfg, total_steps)
-
-
-def weighted_loss(pairs: list[tuple[float, int]]) -> tuple[float, int]:
+def weighted_loss(pairs) -> tuple[float | None, int]:
+    pairs = [(loss, n) for loss, n in pairs if loss is not None and n]
     tokens = sum(n for _, n in pairs)
-    return (sum(l * n for l, n in pairs) / max(tokens, 1), tokens)
+    return (sum(loss * n for loss, n in pairs) / tokens if tokens else None, tokens)
 
 
 class Algorithm:
-    """One engine step (``step``), the end of training (``finish``) and the current global adapter."""
+    """One engine step (``step``), the end of training (``finish``) and the current global adapter.
+
+    The algorithm is the server's side of the schedule. It reaches the clients only through
+    ``self.grid`` (:mod:`splitlora.runtime.grid`), so the same code runs in simulation and deployed.
+    ``state_dict``/``load_state_dict`` hold what a server checkpoint needs to resume; ``consistent``
+    says whether now is a point to take one (server and clients agree on one global adapter).
+    """
 
     name = ""
+    holds_server_part = True  # whether the server runs part of the model (fed: no)
+    whole_clients = False  # whether clients hold the whole model (fed, cen)
 
-    def __init__(self, ctx: Context):
-        self.ctx, self.cfg, self.link = ctx, ctx.cfg, ctx.link
+    def __init__(self, cfg: RunConfig, source: ModelSource, grid: Grid, device: torch.device | str = "cpu"):
+        self.cfg, self.source, self.grid, self.device = cfg, source, grid, device
         self.round = 0
+        self.keep_from = 0  # the step of the server's latest checkpoint (set by the loop)
+        self.consistent = True
+        self.members: list[ClientInfo] = []
+        self.global_state: dict[str, torch.Tensor] = {}  # the averaged client adapter (what joiners get)
 
+    # ---- the schedule ---------------------------------------------------------------------------
     def step(self, t: int) -> StepResult:
         raise NotImplementedError
 
@@ -87,16 +59,67 @@ class Algorithm:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _aggregate(self, parties, step: int) -> dict:
-        """FedAvg ``parties``' adapters through the link and load the average into each of them."""
-        from ..runtime.aggregator import fedavg
+    @property
+    def lr(self) -> float:
+        raise NotImplementedError
 
-        up0, down0 = self.link.bytes_up, self.link.bytes_down
-        updates = [self.link.upload(p.upload(self.round)) for p in parties]
-        average = self.link.broadcast(fedavg(updates), len(parties))
-        for p in parties:
-            p.load(average)
+    def welcome(self, client: ClientInfo, step: int) -> Sync:
+        """What a client joining before ``step`` gets: the step, its data position, the global adapter."""
+        return Sync(step, step, self.round, state=self.global_state)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"round": self.round, "global_state": self.global_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state["round"])
+        self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
+
+    def join(self, step: int) -> None:
+        """Admit the clients the run starts (or resumes) with, before its first step."""
+        self._admit(step, boundary=True)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _admit(self, t: int, boundary: bool) -> list[ClientInfo]:
+        self.members = self.grid.admit(t, boundary, lambda c: self.welcome(c, t))
+        return self.members
+
+    def _alive(self) -> list[ClientInfo]:
+        return [c for c in self.members if self.grid.alive(c)]
+
+    def _aggregate(self, step: int) -> dict:
+        """FedAvg of the live clients' adapters (robust, see runtime.aggregator); the average goes back."""
+        before = self.grid.traffic.copy()
+        ups = ask_all(self.grid, self._alive(), lambda c: Upload(self.round))
+        avg = robust_fedavg([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
+                            self.global_state, self.cfg.aggregation, self.grid.min_clients)
         self.round += 1
-        return {"event": "aggregate", "step": step, "round": self.round, "clients": len(parties),
-                "samples": [u.num_samples for u in updates],
-                "bytes_up": self.link.bytes_up - up0, "bytes_down": self.link.bytes_down - down0}
+        if avg.state is not None:
+            self.global_state = avg.state
+            self.consistent = True
+        for c in ups:
+            self.grid.send(c, Load(self.round, avg.state, keep_from=self.keep_from))
+        spent = self.grid.traffic - before
+        event = {"event": "aggregate" if avg.state is not None else "aggregate_skipped", "step": step,
+                 "round": self.round, "clients": len(avg.used), "used": avg.used, "samples": avg.samples,
+                 "bytes_up": spent.up, "bytes_down": spent.down, "update_norms": avg.update_norms}
+        for key in ("rejected", "clipped", "capped"):
+            if getattr(avg, key):
+                event[key] = getattr(avg, key)
+        return event
+
+    def _peek_average(self) -> dict[str, torch.Tensor]:
+        """The average of the clients' adapters right now (simulation only: read, not sent)."""
+        states = [(self.grid.peek(c), c.num_samples) for c in self._alive()]
+        states = [(s, n) for s, n in states if s is not None]
+        if self.consistent or not states:
+            return self.global_state
+        return fedavg([s for s, _ in states], [n for _, n in states])
+
+
+def client_keys(init: dict[str, torch.Tensor], server_part) -> dict[str, torch.Tensor]:
+    """The client side's share of the initial adapter: what the server's part does not hold."""
+    from ..models.lora import lora_state
+
+    server = lora_state(server_part).keys()
+    return {k: v for k, v in init.items() if k not in server}

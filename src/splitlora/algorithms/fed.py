@@ -1,27 +1,44 @@
-"""Federated LoRA: every client trains LoRA on the whole model; FedAvg every I local steps."""
+"""Federated LoRA: every client trains LoRA on the whole model; FedAvg every I local steps. The
+server holds no part of the model: it only aggregates."""
 
 from __future__ import annotations
 
-from ..runtime.aggregator import fedavg
-from .base import Algorithm, Context, StepResult, weighted_loss
+from ..messages import LocalStep
+from ..runtime.grid import ask_all
+from ..runtime.optim import LrClock
+from .base import Algorithm, StepResult, weighted_loss
 
 
 class FedLoRA(Algorithm):
     name = "fed"
+    holds_server_part = False
+    whole_clients = True
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.parties = [ctx.whole_party(i, self.cfg.steps) for i in range(self.cfg.clients)]
+    def __init__(self, cfg, source, grid, device="cpu"):
+        super().__init__(cfg, source, grid, device)
+        self.global_state = dict(source.initial_state())
+        self.clock = LrClock(cfg, cfg.steps)
+        self.steps_done = 0
 
     def step(self, t: int) -> StepResult:
-        loss, tokens = weighted_loss([p.train_step() for p in self.parties])
-        events = [self._aggregate(self.parties, t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
-        return StepResult(loss, tokens, events)
+        clients = self._admit(t, boundary=t % self.cfg.aggregate_every == 0)
+        done = ask_all(self.grid, clients, lambda c: LocalStep(t))
+        if not done:
+            return StepResult(None, 0, 0, ran=False)
+        self.consistent = False
+        self.steps_done = t + 1
+        loss, tokens = weighted_loss((d.loss, d.tokens) for d in done.values())
+        events = [self._aggregate(t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
+        return StepResult(loss, tokens, len(done), events)
 
     def finish(self, steps_done: int) -> list[dict]:
-        if steps_done % self.cfg.aggregate_every:
-            return [self._aggregate(self.parties, steps_done - 1)]
+        if not self.consistent:
+            return [self._aggregate(steps_done - 1)]
         return []
 
     def adapter_state(self):
-        return fedavg([p.upload(self.round) for p in self.parties])
+        return dict(self._peek_average())
+
+    @property
+    def lr(self) -> float:
+        return self.clock.after(self.steps_done)  # the clients' schedule, which the server does not hold

@@ -1,44 +1,110 @@
-"""Vanilla split learning: clients take turns (I steps each) training one client-side adapter,
-which is handed on to the next client together with its optimiser state; one server adapter."""
+"""Vanilla split learning: clients take turns (I steps each) training one client-side adapter. At
+the end of a turn the adapter and its AdamW moments go to the server, which hands them to the next
+client (and keeps a copy: a checkpoint point, and what the next client gets if the holder is lost)."""
 
 from __future__ import annotations
 
-from ..models.lora import lora_state
-from ..transport.messages import state_nbytes
-from .base import Algorithm, Context, StepResult
+from ..messages import Forward, HandIn, HandOut, Handover, Sync
+from ..models.lora import load_lora_state, lora_state
+from ..runtime.server import SplitServer
+from .base import Algorithm, StepResult, client_keys, weighted_loss
+from .shapes import round_trip
 
 
 class SplitLearning(Algorithm):
     name = "sl"
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.client = ctx.split_client(0, self.cfg.steps)  # the one client-side model being passed on
-        # Client 0's stream is the one the client-side model starts with: reuse it, or its data
-        # would restart from the top whenever its turn comes back.
-        self.streams = [self.client.stream] + [ctx.stream(i) for i in range(1, self.cfg.clients)]
-        self.samples = [len(ix) for ix in ctx.data.client_indices]
-        self.server = ctx.split_server(self.cfg.steps)
-        self.turn = 0
+    def __init__(self, cfg, source, grid, device="cpu"):
+        super().__init__(cfg, source, grid, device)
+        self.server = SplitServer(source.lora_part("server", device=device), cfg, cfg.steps)
+        state = client_keys(source.initial_state(), self.server.part)
+        self.global_state = state
+        zeros = {k: v.new_zeros(v.shape) for k, v in state.items()}
+        self.handover = Handover(state, zeros, {k: v.clone() for k, v in zeros.items()}, 0)  # the server's copy
+        self.holder = None  # the client holding the adapter now (None: the server holds it)
+
+    def turn_of(self, t: int) -> int:
+        return (t // self.cfg.aggregate_every) % self.cfg.clients
+
+    def batches_before(self, t: int, index: int) -> int:
+        """Batches client ``index`` draws before step ``t``: the steps of its turns so far."""
+        every, n = self.cfg.aggregate_every, self.cfg.clients
+        turns = t // every
+        full = turns // n + (1 if index < turns % n else 0)
+        return full * every + (t % every if turns % n == index else 0)
+
+    def welcome(self, client, step: int) -> Sync:
+        return Sync(step, self.batches_before(step, client.index), self.round)
 
     def step(self, t: int) -> StepResult:
+        every = self.cfg.aggregate_every
+        clients = self._admit(t, boundary=t % every == 0)
+        if not clients:
+            return StepResult(None, 0, 0, ran=False)
         events = []
-        turn = (t // self.cfg.aggregate_every) % self.cfg.clients
-        if turn != self.turn:
-            events.append(self._hand_over(turn, t))
-        up = self.link.up(self.client.forward(t))
-        (down,) = [self.link.down(g) for g in self.server.process([up])]
-        self.client.backward(down)
-        return StepResult(down.loss, down.tokens, events)
+        # The turn's client, or (if it is gone) the next one that is here.
+        by_index = {c.index: c for c in clients}
+        turn = self.turn_of(t)
+        holder = next(by_index[i] for i in sorted(by_index, key=lambda i: (i - turn) % self.cfg.clients))
+        if holder != self.holder:
+            before = self.grid.traffic.copy()
+            self.grid.send(holder, HandIn(t, self.handover))
+            spent = self.grid.traffic - before
+            events.append({"event": "handover", "step": t, "to_client": holder.name, "bytes_up": 0,
+                           "bytes_down": spent.down})
+            self.holder = holder
+        up = self.grid.ask(holder, Forward(t)).get()
+        losses = round_trip(self, [(holder, up)]) if up is not None else {}
+        if not losses:
+            self.holder = None
+            return StepResult(None, 0, 0, events, ran=False)
+        self.consistent = False
+        if (t + 1) % every == 0:
+            events.append(self._take_back(t))
+        loss, tokens = weighted_loss(losses.values())
+        return StepResult(loss, tokens, 1, events)
 
-    def _hand_over(self, turn: int, t: int) -> dict:
-        # Adapter weights plus AdamW's two moments go from one data owner to the next (via the server).
-        size = 3 * state_nbytes(lora_state(self.client.part))
-        self.link.bytes_up += size
-        self.link.bytes_down += size
-        self.client.client_id, self.turn = turn, turn
-        self.client.stream, self.client.num_samples = self.streams[turn], self.samples[turn]
-        return {"event": "handover", "step": t, "to_client": turn, "bytes_up": size, "bytes_down": size}
+    def _take_back(self, t: int) -> dict:
+        """End of a turn: the adapter and its optimiser state come to the server."""
+        before = self.grid.traffic.copy()
+        giver = self.holder
+        back = self.grid.ask(giver, HandOut(t)).get() if giver is not None else None
+        spent = self.grid.traffic - before
+        if back is not None:
+            self.handover, self.global_state, self.consistent = back, back.state, True
+            self.round += 1
+        if back is None or self.turn_of(t + 1) != giver.index:
+            self.holder = None  # the next turn is someone else's: they get the server's copy
+        return {"event": "handback", "step": t, "from_client": giver.name if giver is not None else None,
+                "bytes_up": spent.up, "bytes_down": 0}
+
+    def finish(self, steps_done: int) -> list[dict]:
+        if not self.consistent:  # the last turn was partial
+            return [self._take_back(steps_done - 1)]
+        return []
 
     def adapter_state(self):
-        return {**lora_state(self.client.part), **lora_state(self.server.part)}
+        state = self.handover.state
+        if not self.consistent and self.holder is not None:
+            state = self.grid.peek(self.holder) or state
+        return {**state, **lora_state(self.server.part)}
+
+    @property
+    def lr(self) -> float:
+        return self.server.optimizer.lr
+
+    def state_dict(self) -> dict:
+        h = self.handover
+        return {**super().state_dict(), "server_lora": lora_state(self.server.part),
+                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                "handover": {"state": h.state, "exp_avg": h.exp_avg, "exp_avg_sq": h.exp_avg_sq,
+                             "opt_steps": h.opt_steps}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        load_lora_state(self.server.part, state["server_lora"])
+        self.server.optimizer.load_state_dict(state["server_optimizer"])
+        self.server.rng.load_state_dict(state["server_rng"])
+        h = state["handover"]
+        self.handover = Handover(h["state"], h["exp_avg"], h["exp_avg_sq"], int(h["opt_steps"]))
+        self.holder = None

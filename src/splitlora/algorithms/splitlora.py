@@ -3,44 +3,65 @@ client adapters are FedAvg-ed every I local steps (Lin et al., arXiv 2407.00952)
 
 from __future__ import annotations
 
+from ..messages import Forward
 from ..models.lora import lora_state
-from ..runtime.aggregator import fedavg
-from .base import Algorithm, Context, StepResult, weighted_loss
+from ..runtime.grid import ask_all
+from ..runtime.server import SplitServer
+from .base import Algorithm, StepResult, client_keys, weighted_loss
+from .shapes import round_trip
 
 
 class SplitLoRA(Algorithm):
     name = "splitlora"
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        n, steps = self.cfg.clients, self.cfg.steps
-        self.clients = [ctx.split_client(i, steps) for i in range(n)]
-        self.server = ctx.split_server(steps * n if self.cfg.server_mode == "sequential" else steps)
+    def __init__(self, cfg, source, grid, device="cpu"):
+        super().__init__(cfg, source, grid, device)
+        sequential = cfg.server_mode == "sequential"
+        self.server = SplitServer(source.lora_part("server", device=device), cfg,
+                                  cfg.steps * cfg.clients if sequential else cfg.steps)
+        self.global_state = client_keys(source.initial_state(), self.server.part)
 
     def step(self, t: int) -> StepResult:
+        clients = self._admit(t, boundary=t % self.cfg.aggregate_every == 0)
         if self.cfg.server_mode == "sequential":
-            # Client i's forward depends on neither the server nor other clients, so running each
-            # client's round trip in turn gives the parallel schedule's result with one graph alive.
-            downs = [g for c in self.clients for g in self._round_trip([c], t)]
+            # All clients are asked at once (remote ones compute in parallel); the server takes their
+            # batches one at a time, in index order. In process a client computes when its batch is
+            # taken, so one client's graph is alive at a time.
+            pending = {c: self.grid.ask(c, Forward(t)) for c in clients}
+            losses = {}
+            for c, p in pending.items():
+                up = p.get()
+                if up is not None:
+                    losses.update(round_trip(self, [(c, up)]))
         else:
-            downs = self._round_trip(self.clients, t)
-        loss, tokens = weighted_loss([(g.loss, g.tokens) for g in downs])
-        events = [self._aggregate(self.clients, t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
-        return StepResult(loss, tokens, events)
-
-    def _round_trip(self, clients, t):
-        ups = [self.link.up(c.forward(t)) for c in clients]
-        downs = [self.link.down(g) for g in self.server.process(ups)]
-        by_id = {c.client_id: c for c in clients}
-        for g in downs:
-            by_id[g.client_id].backward(g)
-        return downs
+            losses = round_trip(self, list(ask_all(self.grid, clients, lambda c: Forward(t)).items()))
+        if not losses:
+            return StepResult(None, 0, 0, ran=False)
+        self.consistent = False
+        loss, tokens = weighted_loss(losses.values())
+        events = [self._aggregate(t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
+        return StepResult(loss, tokens, len(losses), events)
 
     def finish(self, steps_done: int) -> list[dict]:
-        if steps_done % self.cfg.aggregate_every:
-            return [self._aggregate(self.clients, steps_done - 1)]
+        if not self.consistent:  # the last round was partial
+            return [self._aggregate(steps_done - 1)]
         return []
 
     def adapter_state(self):
-        clients = fedavg([c.upload(self.round) for c in self.clients])
-        return {**clients, **lora_state(self.server.part)}
+        return {**self._peek_average(), **lora_state(self.server.part)}
+
+    @property
+    def lr(self) -> float:
+        return self.server.optimizer.lr
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "server_lora": lora_state(self.server.part),
+                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..models.lora import load_lora_state
+
+        super().load_state_dict(state)
+        load_lora_state(self.server.part, state["server_lora"])
+        self.server.optimizer.load_state_dict(state["server_optimizer"])
+        self.server.rng.load_state_dict(state["server_rng"])

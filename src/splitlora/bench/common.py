@@ -209,7 +209,7 @@ def _loadavg() -> list[float] | None:
 
 def check_device(device: str) -> str:
     """``--device`` read as ``splitlora train`` reads it (:func:`splitlora.train.resolve_device`)."""
-    from ..train import resolve_device
+    from ..device import resolve_device
 
     try:
         return str(resolve_device(device))

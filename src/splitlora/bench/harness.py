@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algorithms import ALGORITHMS, Algorithm, Context
+from ..algorithms import ALGORITHMS, Algorithm
 from ..config import RunConfig
 from ..data import PreparedData, prepare_data
+from ..device import setup_torch
 from ..models.loading import LoadedModel, load_model
-from ..models.split import check_cut
-from ..train import setup_torch
-from .trace import CountingStream, StepTracer, TokenCounter, TracingLink, instrument_streams
+from ..models.parts import SharedModel
+from ..train import client_apps
+from ..transport.inprocess import InProcessGrid
+from .trace import StepTracer, TokenCounter
 
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
 
@@ -41,7 +43,7 @@ def loaded_model(name: str, device: str = "cpu") -> LoadedModel:
 class Built:
     cfg: RunConfig
     algo: Algorithm
-    link: TracingLink
+    grid: InProcessGrid
     data: PreparedData
     tokens: TokenCounter
     tracer: StepTracer | None = None
@@ -49,15 +51,16 @@ class Built:
 
 def build(cfg: RunConfig, loaded: LoadedModel, device: str = "cpu", data: PreparedData | None = None,
           trace: bool = False, count_flops: bool = True) -> Built:
-    """An engine algorithm for ``cfg`` on ``loaded`` with counting streams on ``device``."""
-    setup_torch(cfg)
-    check_cut(loaded.model, cfg.cut_layer)
+    """An engine algorithm for ``cfg`` on ``loaded`` (every party on ``device``), observed through hooks."""
+    setup_torch(cfg.seed, cfg.threads)
+    source = SharedModel(loaded, cfg, device)
     data = data if data is not None else prepare_data(cfg, loaded.tokenizer)
-    link = TracingLink(cfg.wire_dtype)
-    algo = ALGORITHMS[cfg.algorithm](Context(cfg, loaded.model, data, link))
-    streams: list[CountingStream] = instrument_streams(algo, device)
-    tracer = StepTracer(algo, link, count_flops=count_flops) if trace else None
-    return Built(cfg, algo, link, data, TokenCounter(streams), tracer)
+    grid = InProcessGrid(client_apps(cfg, source, data, device), cfg.wire_dtype)
+    algo = ALGORITHMS[cfg.algorithm](cfg, source, grid, device)
+    algo.join(0)
+    tokens = TokenCounter(grid.apps.values())
+    tracer = StepTracer(algo, grid, count_flops=count_flops) if trace else None
+    return Built(cfg, algo, grid, data, tokens, tracer)
 
 
 def synchronize(device: str) -> None:

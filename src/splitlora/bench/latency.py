@@ -23,6 +23,9 @@ The model (every constant is a field of :class:`LatencyModel`):
     (``server_mode: sequential``; with ``batched`` it waits for every client and runs once), so
     client ``i``'s server work starts at ``max(arrival_i, server free)``. The step ends when the
     last client's backward ends.
+  - U-shape: between the server's forward and backward come one more round trip per client: h_(L-T)
+    down, the client's tail (``tail_i / client_flops``), dL/dh_(L-T) up. The server stays with one
+    client's batch through it (sequential), or waits for every tail (batched).
   - Synchronisation (FedAvg of adapters every I steps, or ``sl``'s hand-over of the client-side
     adapter) is appended: ``max_i up(u_i) + max_i down(d_i)`` over the clients that send/receive.
 
@@ -44,9 +47,13 @@ class ClientWork:
     fwd_flops: float = 0.0  # split: client forward to the cut
     bwd_flops: float = 0.0  # split: client backward from the cut (and its optimiser step)
     whole_flops: float = 0.0  # fed: the whole local step on the client
-    server_flops: float = 0.0  # split: the server's forward/backward for this client's batch
+    server_flops: float = 0.0  # split: the server's forward/backward for this client's batch (U: forward)
+    tail_flops: float = 0.0  # U-shape: the client's tail, loss and backward to h_(L-T)
+    server_bwd_flops: float = 0.0  # U-shape: the server's backward for this client's batch
     up_bytes: int = 0  # split: activations, mask and labels
     down_bytes: int = 0  # split: gradient at the cut
+    mid_down_bytes: int = 0  # U-shape: h_(L-T) down
+    mid_up_bytes: int = 0  # U-shape: dL/dh_(L-T) up
 
 
 @dataclass
@@ -59,6 +66,7 @@ class StepTrace:
     sync_up_bytes: list[int] = field(default_factory=list)  # one entry per sending client
     sync_down_bytes: list[int] = field(default_factory=list)  # one entry per receiving client
     batched_server: bool = False  # splitlora server_mode "batched": one server call for all clients
+    u_shape: bool = False  # the U-shaped split: a second round trip per client batch
     samples: int = 0
     tokens: int = 0
 
@@ -74,19 +82,19 @@ class StepTrace:
     # totals, for tables
     @property
     def client_flops(self) -> float:
-        return sum(c.fwd_flops + c.bwd_flops + c.whole_flops for c in self.clients)
+        return sum(c.fwd_flops + c.bwd_flops + c.tail_flops + c.whole_flops for c in self.clients)
 
     @property
     def server_flops(self) -> float:
-        return self.server_whole_flops + sum(c.server_flops for c in self.clients)
+        return self.server_whole_flops + sum(c.server_flops + c.server_bwd_flops for c in self.clients)
 
     @property
     def bytes_up(self) -> int:
-        return sum(c.up_bytes for c in self.clients) + sum(self.sync_up_bytes)
+        return sum(c.up_bytes + c.mid_up_bytes for c in self.clients) + sum(self.sync_up_bytes)
 
     @property
     def bytes_down(self) -> int:
-        return sum(c.down_bytes for c in self.clients) + sum(self.sync_down_bytes)
+        return sum(c.down_bytes + c.mid_down_bytes for c in self.clients) + sum(self.sync_down_bytes)
 
 
 @dataclass(frozen=True)
@@ -162,13 +170,21 @@ class LatencyModel:
         if not clients:
             return 0.0
         arrivals = [self.client_s(c.fwd_flops) + self.up_s(c.up_bytes) for c in clients]
+
+        def tail(c) -> float:  # U-shape: h_(L-T) down, the client's tail, dL/dh_(L-T) up (else 0)
+            if not step.u_shape:
+                return 0.0
+            return self.down_s(c.mid_down_bytes) + self.client_s(c.tail_flops) + self.up_s(c.mid_up_bytes)
+
         if step.batched_server:
             done = max(arrivals) + self.server_s(sum(c.server_flops for c in clients))
+            if step.u_shape:
+                done += max(tail(c) for c in clients) + self.server_s(sum(c.server_bwd_flops for c in clients))
             served = [done] * len(clients)
         else:
             served, free = [], 0.0
             for c, arrival in zip(clients, arrivals):  # the server takes batches in client-id order
-                free = max(arrival, free) + self.server_s(c.server_flops)
+                free = max(arrival, free) + self.server_s(c.server_flops) + tail(c) + self.server_s(c.server_bwd_flops)
                 served.append(free)
         return max(t + self.down_s(c.down_bytes) + self.client_s(c.bwd_flops) for c, t in zip(clients, served))
 

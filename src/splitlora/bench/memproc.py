@@ -157,16 +157,20 @@ def _modules_and_optimizers(obj, depth: int = 0, seen=None):
 def run_probe(spec: ProbeSpec) -> dict:
     import torch
 
+    from ..algorithms import ALGORITHMS
     from ..config import RunConfig
     from ..data import prepare_data
-    from ..data.batching import BatchStream
-    from ..models.lora import add_lora, side_lora_config
-    from ..models.split import architecture_of, check_cut
-    from ..train import setup_torch
-    from ..transport.inprocess import InProcessLink
-    from ..transport.messages import Activations, Gradients
+    from ..device import setup_torch
+    from ..messages import Backward, Forward
+    from ..models.lean import lean_part, lean_skeleton
+    from ..models.loading import LoadedModel
+    from ..models.parts import LeanModel, SharedModel
+    from ..runtime.client import ClientApp
+    from ..runtime.server import SplitServer
+    from ..train import client_apps
+    from ..transport.inprocess import InProcessGrid
     from .harness import quiet_transformers
-    from .lean import lean_part, lean_skeleton
+    from .trace import TokenCounter
 
     quiet_transformers()
     cuda = spec.device.startswith("cuda")
@@ -174,58 +178,62 @@ def run_probe(spec: ProbeSpec) -> dict:
     cfg = RunConfig(algorithm=algorithm, model=spec.model, clients=spec.clients, cut_layer=spec.cut,
                     batch_size=spec.batch_size, max_length=spec.max_length, steps=max(spec.warmup, 1) + spec.steps,
                     threads=spec.threads, seed=spec.seed, server_mode=spec.server_mode, device=spec.device).validate()
-    setup_torch(cfg)
-    meta_model, tok, index = lean_skeleton(spec.model)
-    check_cut(meta_model, spec.cut)
-    data = prepare_data(cfg, tok)
-    baseline = rss_mib()
-    if cuda:
-        torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats()
-    side = {"client": "client", "server": "server"}.get(spec.role, "whole")
-    part = lean_part(meta_model, index, side, spec.cut).to(spec.device)
-    weights_rss = rss_mib() - baseline
-    arch = architecture_of(part)
-    tokens = 0
-
+    setup_torch(cfg.seed, cfg.threads)
     if spec.role in ("cen", "splitlora"):
-        from ..algorithms import ALGORITHMS, Context
-        from .trace import instrument_streams
-
-        algo = ALGORITHMS[spec.role](Context(cfg, part, data, InProcessLink(cfg.wire_dtype)))
-        streams = instrument_streams(algo, spec.device)
+        meta_model, tok, index = lean_skeleton(spec.model)
+        data = prepare_data(cfg, tok)
+        baseline = rss_mib()
+        if cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+        whole = lean_part(meta_model, index, "whole", spec.cut).to(spec.device)
+        weights_rss = rss_mib() - baseline
+        source = SharedModel(LoadedModel(whole, tok, str(index.model_dir)), cfg, spec.device)
+        grid = InProcessGrid(client_apps(cfg, source, data, spec.device), cfg.wire_dtype)
+        algo = ALGORITHMS[spec.role](cfg, source, grid, spec.device)
+        algo.join(0)
+        counter = TokenCounter(grid.apps.values())
         step = algo.step
-        holders = algo
-        count = lambda: sum(s.input_tokens for s in streams)  # noqa: E731
+        holders = [algo, list(grid.apps.values())]
     else:
-        from ..runtime.client import SplitClient
-        from ..runtime.server import SplitServer
-        from .trace import CountingStream
-
-        del meta_model  # the client/server process never holds the other side
-        lora = cfg.client_lora if side == "client" else cfg.server_lora
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            add_lora(part, side_lora_config(lora, arch))
-        stream = CountingStream(BatchStream(data.train, cfg.batch_size, part.config.pad_token_id, seed=(cfg.seed, 0)),
-                                spec.device)
-        hidden_size = part.config.hidden_size
+        # One side alone, read lean as `splitlora client` / `splitlora serve` read it.
+        source = LeanModel(spec.model, cfg)
+        data = prepare_data(cfg, source.tokenizer)
+        baseline = rss_mib()
+        if cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+        side = spec.role
+        part = source.lora_part(side, state={}, device=spec.device)
+        weights_rss = rss_mib() - baseline
+        hidden_size = source.config.hidden_size
         if side == "client":
-            party = SplitClient(0, part, stream, len(data.train), cfg, cfg.steps)
+            app = ClientApp("0", 0, part, data.train, cfg, False, source.pad_id, source.num_blocks)
+            counter = TokenCounter([app])
 
             def step(t):
-                up = party.forward(t)
-                party.backward(Gradients(0, t, torch.randn_like(up.hidden) * 1e-3, 0.0, 0))
+                up = app.handle(Forward(t))
+                app.handle(Backward(t, torch.randn_like(up.hidden) * 1e-3))
+            holders = app
         else:
-            party = SplitServer(part, cfg, cfg.steps)
+            from ..data.batching import BatchStream
+            from ..messages import Activations
+
+            server = SplitServer(part, cfg, cfg.steps)
+            stream = BatchStream(data.train, cfg.batch_size, source.pad_id, seed=(cfg.seed, 0))
+            counter = TokenCounter([])  # counted by hand: the server sees the masks, not a client's work
 
             def step(t):
                 batch = next(stream)
                 b, n = batch["input_ids"].shape
+                counter.input_tokens += int(batch["attention_mask"].sum())
                 hidden = torch.randn(b, n, hidden_size, device=spec.device)
-                party.process([Activations(0, t, hidden, batch["attention_mask"], batch["labels"])])
-        holders = party
-        count = lambda: stream.input_tokens  # noqa: E731
+                server.step([("0", Activations(t, hidden, batch["attention_mask"].to(spec.device),
+                                                batch["labels"].to(spec.device)))])
+            holders = server
+
+    def count():
+        return counter.input_tokens
 
     modules, optimizers = _modules_and_optimizers(holders)
     weights = _storages(t for m in modules for t in (*m.parameters(), *m.buffers()) if not t.requires_grad)

@@ -1,267 +1,133 @@
-"""Instrumenting an algorithm built by the engine, without changing the engine.
+"""Observing an algorithm built by the engine through its public hooks (nothing is patched).
 
-* :func:`instrument_streams` puts every party's batch stream behind a :class:`CountingStream`
-  that counts input tokens and moves batches to the benchmark's device.
-* :class:`TracingLink` is the in-process link that also records each message's size and client.
-* :class:`StepTracer` counts the FLOPs of each party call (``torch.utils.flop_counter``) and
-  turns one ``algo.step`` into a :class:`~splitlora.bench.latency.StepTrace`.
+* :class:`TokenCounter` hooks every client's work and counts the input tokens, padded positions and
+  rows of the batches it trains on.
+* :class:`StepTracer` hooks every party's work (``runtime.hooks``) to count FLOPs
+  (``torch.utils.flop_counter``) and observes the grid's messages to count bytes, and turns one
+  ``algo.step`` into a :class:`~splitlora.bench.latency.StepTrace`.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..data.batching import BatchStream
-from ..runtime.client import SplitClient
-from ..runtime.server import SplitServer
-from ..runtime.whole import WholeModelParty
-from ..transport.inprocess import InProcessLink
-from ..transport.messages import LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, state_nbytes
+from ..messages import (LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, Activations, AdapterUpdate, Backward, HandIn, Handover,
+                        Load, Tail, TailGrad)
+from ..runtime.hooks import Work
 from .latency import ClientWork, StepTrace
 
 
-class CountingStream:
-    """Wraps a :class:`BatchStream`: counts tokens and moves each batch to ``device``.
-
-    ``input_tokens`` counts real (attention-mask) tokens, ``padded_tokens`` the positions computed,
-    ``samples`` the rows.
-    """
-
-    def __init__(self, stream, device: str = "cpu"):
-        self.stream, self.device = stream, torch.device(device)
-        self.input_tokens = self.padded_tokens = self.samples = 0
-        self._ahead = None
-
-    def peek(self) -> dict:
-        """The batch the next ``next()`` returns (on the CPU, not counted yet)."""
-        if self._ahead is None:
-            self._ahead = next(self.stream)
-        return self._ahead
-
-    def __next__(self):
-        batch, self._ahead = (self._ahead, None) if self._ahead is not None else (next(self.stream), None)
-        mask = batch["attention_mask"]
-        self.input_tokens += int(mask.sum())
-        self.padded_tokens += mask.numel()
-        self.samples += mask.shape[0]
-        if self.device.type != "cpu":
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return batch
-
-    def __iter__(self):
-        return self
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def _objects(algo):
-    """The parties and streams an algorithm holds (attributes and lists of them)."""
-    for name, value in list(vars(algo).items()):
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                yield value, i, item
-        else:
-            yield algo, name, value
-
-
-def instrument_streams(algo, device: str = "cpu") -> list[CountingStream]:
-    """Wrap every batch stream of ``algo`` (in place); returns the wrappers (one per stream)."""
-    wrapped: dict[int, CountingStream] = {}
-
-    def wrap(stream):
-        if id(stream) not in wrapped:
-            wrapped[id(stream)] = CountingStream(stream, device)
-        return wrapped[id(stream)]
-
-    for holder, key, obj in _objects(algo):
-        if isinstance(obj, BatchStream):
-            if isinstance(holder, list):
-                holder[key] = wrap(obj)
-            else:
-                setattr(holder, key, wrap(obj))
-        elif isinstance(getattr(obj, "stream", None), BatchStream):
-            obj.stream = wrap(obj.stream)
-    return list(wrapped.values())
+def _parties(algo, grid):
+    apps = list(getattr(grid, "apps", {}).values())
+    server = getattr(algo, "server", None)
+    return apps, server
 
 
 class TokenCounter:
-    """Sum of the counters of several streams (one algorithm's)."""
+    """Input (attention-mask) tokens, padded positions and rows of every batch ``apps`` train on."""
 
-    def __init__(self, streams: list[CountingStream]):
-        self.streams = streams
+    def __init__(self, apps):
+        self.input_tokens = self.padded_tokens = self.samples = 0
+        for app in apps:
+            app.hooks.append(self._hook)
 
-    @property
-    def input_tokens(self) -> int:
-        return sum(s.input_tokens for s in self.streams)
-
-    @property
-    def padded_tokens(self) -> int:
-        return sum(s.padded_tokens for s in self.streams)
-
-    @property
-    def samples(self) -> int:
-        return sum(s.samples for s in self.streams)
+    @contextlib.contextmanager
+    def _hook(self, work: Work):
+        if work.input_tokens is not None:
+            self.input_tokens += work.input_tokens
+            self.padded_tokens += work.shape[0] * work.shape[1]
+            self.samples += work.samples
+        yield
 
 
-class TracingLink(InProcessLink):
-    """:class:`InProcessLink` that also records ``(kind, client_id, bytes)`` for each message."""
-
-    def __init__(self, wire_dtype: str = "fp32"):
-        super().__init__(wire_dtype)
-        self.messages: list[tuple[str, int, int]] = []
-
-    def up(self, msg):
-        before = self.bytes_up
-        out = super().up(msg)
-        self.messages.append(("up", msg.client_id, self.bytes_up - before))
-        return out
-
-    def down(self, msg):
-        before = self.bytes_down
-        out = super().down(msg)
-        self.messages.append(("down", msg.client_id, self.bytes_down - before))
-        return out
-
-    def upload(self, msg):
-        out = super().upload(msg)
-        self.messages.append(("sync_up", msg.client_id, state_nbytes(msg.state)))
-        return out
-
-    def broadcast(self, state, receivers):
-        out = super().broadcast(state, receivers)
-        self.messages.extend(("sync_down", -1, state_nbytes(state)) for _ in range(receivers))
-        return out
-
-
-def activation_bytes(batch: int, length: int, hidden: int, itemsize: int) -> tuple[int, int]:
+def activation_bytes(batch: int, length: int, hidden: int, itemsize: int, labels: bool = True) -> tuple[int, int]:
     """Bytes of one client's activations up (hidden, mask, labels) and gradient down: the formula."""
-    up = batch * length * (hidden * itemsize + MASK_WIRE_DTYPE.itemsize + LABEL_WIRE_DTYPE.itemsize)
+    up = batch * length * (hidden * itemsize + MASK_WIRE_DTYPE.itemsize + (LABEL_WIRE_DTYPE.itemsize if labels else 0))
     return up, batch * length * hidden * itemsize
 
 
-def _next_shape(party) -> tuple | None:
-    """Shape of the batch ``party`` will take next, if its stream can tell (a :class:`CountingStream`)."""
-    stream = getattr(party, "stream", None)
-    if isinstance(stream, CountingStream):
-        return tuple(stream.peek()["input_ids"].shape)
-    return None
-
-
 class StepTracer:
-    """Counts FLOPs of every party call and message bytes of every step of ``algo``.
+    """Counts FLOPs of every party's work and message bytes of every step of ``algo``.
 
     Use: ``tracer.begin(); algo.step(t); trace = tracer.end(samples, tokens)``. With
     ``count_flops=False`` only bytes are traced.
 
-    The FLOPs of a call depend only on the shapes it computes on (LoRA dropout aside, which adds no
-    matmuls), and counting costs 30-70% of a CPU step, so each (call kind, input shapes) is counted
-    once, on the first call with those shapes, and reused after.
+    The FLOPs of a piece of work depend only on the shapes it computes on (LoRA dropout aside, which
+    adds no matmuls), and counting costs 30-70% of a CPU step, so each (kind, shape) is counted once,
+    on the first call with those shapes, and reused after.
     """
 
-    def __init__(self, algo, link: TracingLink, count_flops: bool = True):
-        self.algo, self.link, self.count_flops = algo, link, count_flops
+    def __init__(self, algo, grid, count_flops: bool = True):
+        self.algo, self.grid, self.count_flops = algo, grid, count_flops
         self.flop_cache: dict[tuple, float] = {}
-        self._calls: list[tuple[str, int, float]] = []
-        self._seen: set[int] = set()
-        self._wrap_all()
+        self._calls: list[tuple[str, tuple[str, ...], float]] = []
+        self._messages: list[tuple[str, str, object, int]] = []
+        apps, server = _parties(algo, grid)
+        for party in [*apps, *([server] if server is not None else [])]:
+            party.hooks.append(self._hook)
+        grid.observers.append(lambda direction, client, msg, nbytes: self._messages.append((direction, client, msg,
+                                                                                             nbytes)))
 
-    # ---- wrapping ------------------------------------------------------------------------------
-    def _wrap_all(self) -> None:
-        for _, _, obj in _objects(self.algo):
-            if id(obj) in self._seen:
-                continue
-            self._seen.add(id(obj))
-            if isinstance(obj, SplitClient):
-                self._wrap(obj, "forward", "fwd", lambda o, a: o.client_id, lambda o, a: _next_shape(o))
-                self._wrap(obj, "backward", "bwd", lambda o, a: a[0].client_id, lambda o, a: tuple(a[0].grad.shape))
-            elif isinstance(obj, SplitServer):
-                self._wrap(obj, "process", "server", lambda o, a: [u.client_id for u in a[0]],
-                           lambda o, a: tuple(tuple(u.hidden.shape) for u in a[0]))
-            elif isinstance(obj, WholeModelParty):
-                self._wrap(obj, "train_step", "whole", lambda o, a: o.client_id, lambda o, a: _next_shape(o))
-
-    def _wrap(self, obj, method: str, kind: str, who, shape) -> None:
-        fn = getattr(obj, method)
-        tracer = self
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            client = who(obj, args)
-            if not tracer.count_flops:
-                result = fn(*args, **kwargs)
-                tracer._calls.append((kind, client, 0.0))
-                return result
-            key = (kind, shape(obj, args))
-            if key[1] is not None and key in tracer.flop_cache:
-                result = fn(*args, **kwargs)
-            else:
-                with FlopCounterMode(display=False) as counter:
-                    result = fn(*args, **kwargs)
-                if key[1] is not None:
-                    tracer.flop_cache[key] = float(counter.get_total_flops())
-                else:
-                    key = None
-                    flops = float(counter.get_total_flops())
-            tracer._calls.append((kind, client, tracer.flop_cache[key] if key is not None else flops))
-            return result
-
-        setattr(obj, method, wrapper)
+    @contextlib.contextmanager
+    def _hook(self, work: Work):
+        who = work.clients if work.party == "server" else (work.party,)
+        key = (work.kind, work.shape)
+        if not self.count_flops:
+            yield
+            self._calls.append((work.kind, who, 0.0))
+        elif key in self.flop_cache:
+            yield
+            self._calls.append((work.kind, who, self.flop_cache[key]))
+        else:
+            with FlopCounterMode(display=False) as counter:
+                yield
+            self.flop_cache[key] = float(counter.get_total_flops())
+            self._calls.append((work.kind, who, self.flop_cache[key]))
 
     # ---- steps -----------------------------------------------------------------------------------
     def begin(self) -> None:
         self._calls.clear()
-        self.link.messages.clear()
-        self._up0, self._down0 = self.link.bytes_up, self.link.bytes_down
+        self._messages.clear()
 
     def end(self, samples: int = 0, tokens: int = 0) -> StepTrace:
-        name = self.algo.name
-        cfg = self.algo.cfg
+        name, cfg = self.algo.name, self.algo.cfg
         step = StepTrace(algorithm=name, samples=samples, tokens=tokens,
-                         batched_server=(name == "splitlora" and cfg.server_mode == "batched"))
-        work: dict[int, ClientWork] = {}
+                         batched_server=(name == "splitlora" and cfg.server_mode == "batched"), u_shape=cfg.u_shape)
+        work: dict[str, ClientWork] = {}
 
-        def of(client: int) -> ClientWork:
-            return work.setdefault(client, ClientWork(client))
+        def of(client: str) -> ClientWork:
+            return work.setdefault(client, ClientWork(int(client) if client.isdigit() else len(work)))
 
-        for kind, client, flops in self._calls:
-            if kind == "fwd":
-                of(client).fwd_flops += flops
-            elif kind == "bwd":
-                of(client).bwd_flops += flops
-            elif kind == "server":
-                clients = client  # a list: the batches of this server call
-                for c in clients:
-                    of(c).server_flops += flops / len(clients)
+        for kind, who, flops in self._calls:
+            if kind in ("server", "server_bwd"):
+                for c in who:
+                    if kind == "server":
+                        of(c).server_flops += flops / len(who)
+                    else:
+                        of(c).server_bwd_flops += flops / len(who)
             elif kind == "whole":
                 if name == "cen":
                     step.server_whole_flops += flops
                 else:
-                    of(client).whole_flops += flops
-        traced_up = traced_down = 0
-        for kind, client, nbytes in self.link.messages:
-            if kind == "up":
+                    of(who[0]).whole_flops += flops
+            else:
+                field = {"fwd": "fwd_flops", "bwd": "bwd_flops", "tail": "tail_flops"}[kind]
+                setattr(of(who[0]), field, getattr(of(who[0]), field) + flops)
+        for direction, client, msg, nbytes in self._messages:
+            if isinstance(msg, Activations):
                 of(client).up_bytes += nbytes
-                traced_up += nbytes
-            elif kind == "down":
+            elif isinstance(msg, Backward):
                 of(client).down_bytes += nbytes
-                traced_down += nbytes
-            elif kind == "sync_up":
+            elif isinstance(msg, Tail):
+                of(client).mid_down_bytes += nbytes
+            elif isinstance(msg, TailGrad):
+                of(client).mid_up_bytes += nbytes
+            elif isinstance(msg, (AdapterUpdate, Handover)) and nbytes:
                 step.sync_up_bytes.append(nbytes)
-                traced_up += nbytes
-            elif kind == "sync_down":
+            elif isinstance(msg, (Load, HandIn)) and nbytes:
                 step.sync_down_bytes.append(nbytes)
-                traced_down += nbytes
-        # Bytes counted on the link outside its methods (sl's hand-over of the client adapter and
-        # optimiser state): one message up from the old client, one down to the new one.
-        rest_up = self.link.bytes_up - self._up0 - traced_up
-        rest_down = self.link.bytes_down - self._down0 - traced_down
-        if rest_up > 0:
-            step.sync_up_bytes.append(rest_up)
-        if rest_down > 0:
-            step.sync_down_bytes.append(rest_down)
-        step.clients = [work[c] for c in sorted(work)]
+        if name != "cen":
+            step.clients = [work[c] for c in sorted(work, key=lambda c: work[c].client)]
         return step

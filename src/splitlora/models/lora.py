@@ -11,9 +11,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraSide, RunConfig
-from .split import Architecture, architecture_of, make_part
+from .split import Architecture, Split, architecture_of, make_part
 
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the keys
+ADAPTER_NAME = "default"
+
+
+def split_of(cfg: RunConfig) -> Split:
+    return Split(cfg.cut_layer, cfg.tail)
+
+
+def lora_key(param_name: str) -> str:
+    """A LoRA parameter's key in the saved state (PEFT drops the adapter name)."""
+    return param_name.replace(f".{ADAPTER_NAME}.", ".")
 
 
 def side_lora_config(side: LoraSide, arch: Architecture) -> LoraConfig:
@@ -45,7 +55,7 @@ def _target_names(model: nn.Module, cfg: RunConfig, side: str) -> set[str]:
     arch = architecture_of(model)
     lora = cfg.client_lora if side == "client" else cfg.server_lora
     suffixes = tuple(lora.target_modules or arch.lora_targets)
-    part = make_part(model, side, cfg.cut_layer)
+    part = make_part(model, side, split_of(cfg))
     return {name for name, _ in part.named_modules() if name.rsplit(".", 1)[-1] in suffixes}
 
 
@@ -78,8 +88,8 @@ def initial_lora_state(model: nn.Module, cfg: RunConfig) -> dict[str, torch.Tens
     Every algorithm starts every party from slices of this one state, so that ``splitlora`` with one
     client and ``cen`` start identically, and FedAvg starts from one global adapter.
     """
-    whole = make_part(model, "whole", cfg.cut_layer)
-    with torch.random.fork_rng():
+    whole = make_part(model, "whole", split_of(cfg))
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         add_lora(whole, whole_lora_config(model, cfg))
     return lora_state(whole)

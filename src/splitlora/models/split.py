@@ -73,10 +73,40 @@ def num_blocks(model: PreTrainedModel) -> int:
     return len(_get(model, architecture_of(model).layers))
 
 
-def check_cut(model: PreTrainedModel, cut: int) -> None:
-    n = num_blocks(model)
-    if not 1 <= cut < n:
-        raise UserError(f"cut_layer must be between 1 and {n - 1} for this model ({n} blocks), got {cut}")
+@dataclass(frozen=True)
+class Split:
+    """Where the model is cut. ``tail`` None: the paper's two-part split (the server runs blocks K..L-1,
+    the norm and the head); ``tail`` T >= 0: the U-shape (the client also runs blocks L-T..L-1, the
+    norm and the head, so labels and logits never leave it; the server runs blocks K..L-T-1)."""
+
+    cut: int
+    tail: int | None = None
+
+    @property
+    def u_shape(self) -> bool:
+        return self.tail is not None
+
+    def blocks(self, side: str, n: int) -> range | list[int]:
+        if side == "whole":
+            return range(n)
+        if side == "client":
+            return list(range(self.cut)) + (list(range(n - self.tail, n)) if self.u_shape else [])
+        return range(self.cut, n - (self.tail or 0))
+
+    def check(self, n: int) -> None:
+        if not 1 <= self.cut < n:
+            raise UserError(f"cut_layer must be between 1 and {n - 1} for this model ({n} blocks), got {self.cut}")
+        if self.u_shape and (self.tail < 0 or self.cut + self.tail >= n):
+            raise UserError(f"with the U-shape, cut_layer + tail_layers must be below {n} (this model's blocks) so "
+                            f"that the server runs at least one block; got {self.cut} + {self.tail}")
+
+
+def as_split(split: "Split | int") -> Split:
+    return split if isinstance(split, Split) else Split(int(split))
+
+
+def check_cut(model: PreTrainedModel, split: "Split | int") -> None:
+    as_split(split).check(num_blocks(model))
 
 
 # ---- module surgery ---------------------------------------------------------------------------
@@ -103,21 +133,30 @@ class OtherSide(nn.Module):
         raise RuntimeError("this module lives on the other side of the cut")
 
 
-def make_part(model: PreTrainedModel, side: str, cut: int) -> nn.Module:
+def make_part(model: PreTrainedModel, side: str, split: "Split | int") -> nn.Module:
     """A skeleton copy of ``model`` holding only the modules of ``side`` ("client", "server" or "whole").
 
     Blocks are kept in an ``nn.ModuleDict`` keyed by their original index, so module names (and LoRA
-    keys) match the whole model: the server's first block is still ``...layers.K``.
+    keys) match the whole model: the server's first block is still ``...layers.K``. In the U-shape the
+    client holds the embeddings, blocks 0..K-1, blocks L-T..L-1, the norm and the head; the server
+    holds only the middle blocks.
     """
+    if side not in ("client", "server", "whole"):
+        raise ValueError(f"side must be client, server or whole (got {side!r})")
     arch = architecture_of(model)
     part = share_copy(model)
     if side == "whole":
         return part
-    check_cut(model, cut)
+    split = as_split(split)
+    check_cut(model, split)
     blocks = _get(part, arch.layers)
-    keep = range(cut) if side == "client" else range(cut, len(blocks))
+    keep = split.blocks(side, len(blocks))
     _set(part, arch.layers, nn.ModuleDict({str(i): blocks[i] for i in keep}))
-    for path in (arch.server_only if side == "client" else arch.client_only):
+    if side == "client":
+        gone = () if split.u_shape else arch.server_only
+    else:
+        gone = arch.client_only + (arch.server_only if split.u_shape else ())
+    for path in gone:
         _set(part, path, OtherSide())
     return part
 
@@ -142,8 +181,10 @@ def _layer_kind(config, index: int) -> str:
     return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
 
 
-def run_blocks(part: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Run every block ``part`` holds, in order, with the masks, positions and rotary set up here.
+def run_blocks(part: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
+               stop: int | None = None) -> torch.Tensor:
+    """Run the blocks ``part`` holds with index in [start, stop), in order, with the masks, positions
+    and rotary set up here.
 
     Right-padded batches: positions are 0..T-1 for every row (as in the unsplit model), and padded
     keys are masked by ``attention_mask``.
@@ -157,14 +198,18 @@ def run_blocks(part: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tens
         extra["position_embeddings"] = _get(part, arch.rotary)(hidden, position_ids=position_ids)
     blocks = _get(part, arch.layers)
     for name, block in blocks.items():
+        if int(name) < start or (stop is not None and int(name) >= stop):
+            continue
         out = block(hidden, attention_mask=masks[_layer_kind(config, int(name))], position_ids=position_ids,
                     **extra)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
-def client_forward(part: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Embeddings and blocks 0..K-1: the activations ("smashed data") sent to the server."""
+def client_forward(part: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cut: int | None = None) -> torch.Tensor:
+    """Embeddings and blocks 0..K-1 (``cut`` = K; needed when the part also holds a tail): the
+    activations ("smashed data") sent to the server."""
     arch = architecture_of(part)
     hidden = _get(part, arch.embed)(input_ids)
     if arch.positions:
@@ -172,11 +217,20 @@ def client_forward(part: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         hidden = hidden + _get(part, arch.positions)(position_ids)
     if arch.embed_dropout:
         hidden = _get(part, arch.embed_dropout)(hidden)
-    return run_blocks(part, hidden, attention_mask)
+    return run_blocks(part, hidden, attention_mask, stop=cut)
 
 
 def server_forward(part: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Blocks K..L-1, final norm and LM head: logits."""
+    """The server's blocks; in the two-part split also the final norm and the LM head (logits)."""
     arch = architecture_of(part)
     hidden = run_blocks(part, hidden, attention_mask)
+    if isinstance(_get(part, arch.head), OtherSide):  # U-shape: the head is the client's
+        return hidden
+    return _get(part, arch.head)(_get(part, arch.norm)(hidden))
+
+
+def tail_forward(part: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """U-shape, on the client: blocks ``start``..L-1 (``start`` = L-T), the final norm and the head: logits."""
+    arch = architecture_of(part)
+    hidden = run_blocks(part, hidden, attention_mask, start=start)
     return _get(part, arch.head)(_get(part, arch.norm)(hidden))

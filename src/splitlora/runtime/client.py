@@ -1,48 +1,228 @@
-"""The data owner: embeddings and blocks 0..K-1 with its own LoRA, on its own data."""
+"""The data owner: its part of the model with its own LoRA, its optimiser and its data.
+
+A :class:`ClientApp` runs the commands an algorithm sends it (:mod:`splitlora.messages`) and
+nothing else; the same object is a simulated client, the heart of ``splitlora client`` and a Ray
+actor. What it holds depends on the algorithm:
+
+* split (``splitlora``, ``sl``), two-part: the embeddings and blocks 0..K-1;
+* split, U-shape: also blocks L-T..L-1, the final norm and the head, so that the loss (and the
+  labels) stay here;
+* whole (``fed``, ``cen``): the whole model.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..config import RunConfig
-from ..data.batching import BatchStream
+from ..data.batching import IGNORE, BatchStream, Encoded
+from ..device import PartyRng, party_seed, to_device
+from ..messages import (Activations, AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load,
+                        LocalStep, StepDone, Sync, Tail, TailGrad, Upload)
 from ..models.lora import load_lora_state, lora_state
-from ..models.split import client_forward
-from ..transport.messages import Activations, AdapterUpdate, Gradients
-from .optim import Optimizer, to_device
+from ..models.split import client_forward, tail_forward
+from ..privacy.defences import Protector, nopeek_loss
+from .hooks import Hook, Work, observe
+from .optim import Optimizer
+
+class ProtocolError(RuntimeError):
+    """A command that does not fit what this client did (a gradient for a step it did not run, ...)."""
 
 
-class SplitClient:
-    """One local step is ``forward`` (activations up) then ``backward`` (gradient down)."""
-
-    def __init__(self, client_id: int, part: nn.Module, stream: BatchStream, num_samples: int,
-                 cfg: RunConfig, total_steps: int):
-        self.client_id = client_id
+class ClientApp:
+    def __init__(self, name: str, index: int, part: nn.Module, items: list[Encoded], cfg: RunConfig,
+                 whole: bool, pad_id: int, num_blocks: int):
+        self.name, self.index, self.cfg = name, index, cfg
         self.part = part
-        self.stream = stream
-        self.num_samples = num_samples
-        self.optimizer = Optimizer(part, cfg, total_steps)
-        self._hidden: torch.Tensor | None = None
-        self._step = -1
+        self.whole = whole
+        self.items, self.pad_id = items, pad_id
+        self.num_samples = len(items)
         self.device = next(part.parameters()).device
+        self.cut = None if whole else cfg.cut_layer
+        self.tail_start = num_blocks - cfg.tail_layers if (cfg.u_shape and not whole) else None
+        self.stream = self._stream()
+        self.batches = 0  # batches drawn so far
+        self.optimizer = Optimizer(part, cfg, cfg.steps)
+        self.rng = PartyRng(party_seed(cfg.seed, f"client:{index}"), self.device)
+        self.protect = Protector(cfg.privacy, party_seed(cfg.seed, f"noise:{index}"), self.device)
+        self.snapshots: dict[int, dict] = {}  # batches drawn -> optimiser and RNG state at a round boundary
+        self.finished: Finish | None = None
+        self.hooks: list[Hook] = []
+        self._open = None  # (step, batch, hidden, sent, embeddings) between Forward and Backward
+        self._handlers = {Sync: self._sync, Forward: self._forward, Backward: self._backward, Tail: self._tail,
+                          LocalStep: self._local_step, Upload: self._upload, Load: self._load,
+                          HandOut: self._hand_out, HandIn: self._hand_in, Finish: self._finish}
 
-    def forward(self, step: int) -> Activations:
-        batch = to_device(next(self.stream), self.device)
-        self.part.train()
-        self._hidden = client_forward(self.part, batch["input_ids"], batch["attention_mask"])
-        self._step = step
-        return Activations(self.client_id, step, self._hidden.detach(), batch["attention_mask"], batch["labels"])
+    def _stream(self) -> BatchStream:
+        return BatchStream(self.items, self.cfg.batch_size, self.pad_id, seed=(self.cfg.seed, self.index))
 
-    def backward(self, msg: Gradients) -> None:
-        if self._hidden is None or msg.step != self._step:
-            raise RuntimeError(f"client {self.client_id}: gradient for step {msg.step}, expected {self._step}")
-        self._hidden.backward(msg.grad.to(self._hidden.dtype))
-        self._hidden = None
+    # ---- the one entry point ----------------------------------------------------------------------
+    def handle(self, command):
+        """Carry out ``command``; returns its reply (or None for a command that expects none)."""
+        handler = self._handlers.get(type(command))
+        if handler is None:
+            raise ProtocolError(f"unknown command {type(command).__name__}")
+        with self.rng.active():
+            return handler(command)
+
+    def _observe(self, kind: str, step: int, shape: tuple, batch=None):
+        if batch is None:
+            return observe(self.hooks, Work(self.name, kind, step, shape))
+        mask = batch["attention_mask"]
+        return observe(self.hooks, Work(self.name, kind, step, shape, input_tokens=int(mask.sum()),
+                                        samples=mask.shape[0]))
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        self.batches += 1
+        return to_device(next(self.stream), self.device)
+
+    # ---- split: bottom, tail ------------------------------------------------------------------------
+    def _forward(self, cmd: Forward) -> Activations:
+        if self.whole:
+            raise ProtocolError("Forward sent to a client that holds the whole model")
+        batch = self._next_batch()
+        with self._observe("fwd", cmd.step, tuple(batch["input_ids"].shape), batch):
+            self.part.train()
+            embeds = None
+            if self.cfg.privacy.nopeek_weight:
+                embeds = self._input_embeddings(batch["input_ids"]).detach()
+            hidden = client_forward(self.part, batch["input_ids"], batch["attention_mask"], cut=self.cut)
+            sent = self.protect.clip(hidden)  # in the graph: the gradient flows back through the clipping
+            out = self.protect.noise(sent.detach())
+        self._open = (cmd.step, batch, hidden, sent, embeds)
+        labels = None if self.tail_start is not None else batch["labels"]
+        return Activations(cmd.step, out, batch["attention_mask"], labels)
+
+    def _tail(self, cmd: Tail) -> TailGrad:
+        step, batch, *_ = self._expect(cmd.step, "Tail")
+        if self.tail_start is None:
+            raise ProtocolError("Tail sent to a client with a two-part split")
+        with self._observe("tail", cmd.step, tuple(cmd.hidden.shape)):
+            hidden = cmd.hidden.to(self.device, torch.float32).requires_grad_(True)
+            logits = tail_forward(self.part, hidden, batch["attention_mask"], self.tail_start)
+            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            # This batch's mean loss, as `cen` computes it; a batched server step re-weights it by
+            # its share of the step's tokens (Backward.scale).
+            loss = ForCausalLMLoss(logits, batch["labels"], logits.shape[-1])
+            loss.backward()
+            grad = self.protect.noise(self.protect.clip(hidden.grad))
+        return TailGrad(cmd.step, grad, float(loss.detach()), tokens)
+
+    def _backward(self, cmd: Backward) -> None:
+        step, batch, hidden, sent, embeds = self._expect(cmd.step, "Backward")
+        if tuple(cmd.grad.shape) != tuple(sent.shape):
+            raise ProtocolError(f"gradient of shape {list(cmd.grad.shape)} for activations {list(sent.shape)}")
+        with self._observe("bwd", cmd.step, tuple(cmd.grad.shape)):
+            if cmd.scale != 1.0:  # U-shape, batched: this batch's share of the server step's loss
+                for p in self.optimizer.params:
+                    if p.grad is not None:
+                        p.grad.mul_(cmd.scale)
+            tensors, grads = [sent], [cmd.grad.to(sent.device, sent.dtype)]
+            if embeds is not None:
+                tensors.append(self.cfg.privacy.nopeek_weight * nopeek_loss(embeds, hidden, batch["attention_mask"],
+                                                                            self.protect.generator))
+                grads.append(torch.ones((), device=sent.device))
+            torch.autograd.backward(tensors, grads)
+            self._open = None
+            self._optimizer_step()
+
+    def _expect(self, step: int, what: str):
+        if self._open is None or self._open[0] != step:
+            have = "none" if self._open is None else self._open[0]
+            raise ProtocolError(f"{what} for step {step}, but the open step is {have}")
+        return self._open
+
+    def _input_embeddings(self, input_ids):
+        from ..models.split import architecture_of
+
+        return self.part.get_submodule(architecture_of(self.part).embed)(input_ids)
+
+    def _optimizer_step(self) -> None:
+        if not self.optimizer.grads_ok():
+            # Gradients this client computed itself from bounded inputs; never step on non-finite ones.
+            self.optimizer.zero_grad()
+            raise ProtocolError("non-finite gradient: step not applied")
         self.optimizer.step()
 
-    def upload(self, round_: int) -> AdapterUpdate:
-        return AdapterUpdate(self.client_id, round_, lora_state(self.part), self.num_samples)
+    # ---- whole model: fed, cen ----------------------------------------------------------------------
+    def _local_step(self, cmd: LocalStep) -> StepDone:
+        if not self.whole:
+            raise ProtocolError("LocalStep sent to a client that holds only its side of the cut")
+        batch = self._next_batch()
+        with self._observe("whole", cmd.step, tuple(batch["input_ids"].shape), batch):
+            self.part.train()
+            loss = self.part(**batch).loss  # transformers' own forward and loss
+            loss.backward()
+            self._optimizer_step()
+        return StepDone(cmd.step, float(loss.detach()), int((batch["labels"][:, 1:] != IGNORE).sum()))
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_lora_state(self.part, state)
+    # ---- adapters -----------------------------------------------------------------------------------
+    def _upload(self, cmd: Upload) -> AdapterUpdate:
+        # A round boundary: remember where we are, to come back here if the server resumes here.
+        self.snapshots[self.batches] = self._snapshot()
+        return AdapterUpdate(cmd.round, lora_state(self.part), self.num_samples)
+
+    def _load(self, cmd: Load) -> None:
+        if cmd.state is not None:  # None: the round was not aggregated; keep the local adapter
+            load_lora_state(self.part, cmd.state)
+        for b in [b for b in self.snapshots if b < cmd.keep_from]:
+            del self.snapshots[b]
+
+    def _hand_out(self, cmd: HandOut) -> Handover:
+        exp_avg, exp_avg_sq = self.optimizer.moments()
+        return Handover(lora_state(self.part), exp_avg, exp_avg_sq, self.optimizer.steps)
+
+    def _hand_in(self, cmd: HandIn) -> None:
+        self._take(cmd.handover)
+
+    def _take(self, h: Handover) -> None:
+        load_lora_state(self.part, h.state)
+        self.optimizer.load_moments(h.exp_avg, h.exp_avg_sq, h.opt_steps)
+
+    # ---- joining, rejoining, leaving ----------------------------------------------------------------
+    def _sync(self, cmd: Sync) -> None:
+        """Line up with the run. Behind: skip the batches missed (the schedule follows). Ahead (the
+        server went back to a checkpoint): rewind to the snapshot taken at that round boundary."""
+        self._open = None
+        self.optimizer.zero_grad()
+        if cmd.batches < self.batches:
+            self.stream, self.batches = self._stream(), 0
+            snap = self.snapshots.get(cmd.batches)
+            if snap is not None:
+                self._restore(snap)
+            else:  # nothing kept for that point: fresh moments, the schedule where the run is
+                self.optimizer.restart_at(cmd.batches)
+            self.snapshots = {b: s for b, s in self.snapshots.items() if b <= cmd.batches}
+        else:
+            self.optimizer.advance(cmd.batches - self.batches)
+        for _ in range(cmd.batches - self.batches):
+            next(self.stream)
+        self.batches = cmd.batches
+        if cmd.handover is not None:
+            self._take(cmd.handover)
+        elif cmd.state is not None:
+            load_lora_state(self.part, cmd.state)
+        self.snapshots.setdefault(self.batches, self._snapshot())
+
+    def _snapshot(self) -> dict:
+        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.state_dict()}
+
+    def _restore(self, snap: dict) -> None:
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.rng.load_state_dict(snap["rng"])
+
+    def _finish(self, cmd: Finish) -> None:
+        self.finished = cmd
+
+    # ---- what others may read -------------------------------------------------------------------------
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.part)
+
+    @property
+    def open_shape(self) -> tuple[int, ...] | None:
+        """(B, T, H) of the batch sent and not yet answered with a gradient (None: no such batch)."""
+        return tuple(self._open[3].shape) if self._open is not None else None

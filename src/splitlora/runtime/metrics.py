@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 
@@ -14,6 +15,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finite(value):
+    """NaN and infinities are not JSON: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class MetricsLog:
@@ -30,14 +42,15 @@ class MetricsLog:
             self.tb = None
 
     def write(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = {k: _finite(v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         if "event" in record:
             return
         self.rows.append(record)
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
@@ -10,32 +13,108 @@ from ..config import RunConfig
 
 
 class Optimizer:
-    """AdamW over the trainable (LoRA) tensors of ``module``, stepped with optional clipping."""
+    """AdamW over the trainable (LoRA) tensors of ``module``, stepped with optional clipping.
+
+    ``names`` maps each trainable tensor to its key in the party's LoRA state, so that AdamW's moments
+    can travel with the adapter (``sl``'s hand-over) and be loaded by another party's optimiser.
+    """
 
     def __init__(self, module: nn.Module, cfg: RunConfig, total_steps: int):
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        from ..models.lora import lora_key
+
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.names = [lora_key(n) for n, _ in named]
+        self.cfg, self.total_steps = cfg, total_steps
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = get_linear_schedule_with_warmup(self.opt, min(cfg.warmup_steps, total_steps), total_steps)
+        self.sched = self._schedule()
         self.max_grad_norm = cfg.max_grad_norm
+        self.steps = 0
+
+    def _schedule(self):
+        return get_linear_schedule_with_warmup(self.opt, min(self.cfg.warmup_steps, self.total_steps),
+                                               self.total_steps)
+
+    # Above this, AdamW's second moment (grad squared) could overflow float32 and freeze the adapter.
+    MAX_GRAD = 1e15
+
+    def grads_ok(self) -> bool:
+        """Whether every gradient is finite and below :data:`MAX_GRAD`: no step is taken otherwise."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        worst = float(torch.nn.utils.get_total_norm(grads, norm_type=float("inf")))  # NaN and inf stay so
+        return worst <= self.MAX_GRAD
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.opt.step()
         self.sched.step()
+        self.steps += 1
         self.opt.zero_grad(set_to_none=True)
 
     @property
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
+    # ---- persistence and travel -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
+        self.opt.load_state_dict(copy.deepcopy(state["opt"]))
         self.sched.load_state_dict(state["sched"])
+        self.steps = int(state["steps"])
+
+    def restart_at(self, steps: int) -> None:
+        """Fresh moments, the schedule standing at ``steps`` (a client that lost its optimiser state)."""
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.sched = self._schedule()
+        self.steps = 0
+        self.advance(steps)
+
+    def advance(self, steps: int) -> None:
+        """Move the schedule ``steps`` steps on without updating anything (steps a client missed)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            for _ in range(max(steps, 0)):
+                self.sched.step()
+        self.steps += max(steps, 0)
+
+    def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """AdamW's first and second moments by LoRA key (zeros before the first step)."""
+        avg, sq = {}, {}
+        for name, p in zip(self.names, self.params):
+            state = self.opt.state.get(p, {})
+            avg[name] = state["exp_avg"].detach().clone() if "exp_avg" in state else torch.zeros_like(p)
+            sq[name] = state["exp_avg_sq"].detach().clone() if "exp_avg_sq" in state else torch.zeros_like(p)
+        return avg, sq
+
+    def load_moments(self, exp_avg: dict, exp_avg_sq: dict, steps: int) -> None:
+        """Continue from another party's optimiser: its moments and its step count (and schedule)."""
+        self.restart_at(steps)
+        if steps == 0:
+            return
+        for name, p in zip(self.names, self.params):
+            self.opt.state[p] = {"step": torch.tensor(float(steps)),
+                                 "exp_avg": exp_avg[name].to(p.device, p.dtype).clone(),
+                                 "exp_avg_sq": exp_avg_sq[name].to(p.device, p.dtype).clone()}
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+class LrClock:
+    """The learning rate a party's schedule gives after ``steps`` steps, for a party the caller does
+    not hold (the ``fed`` server logs its clients' learning rate)."""
+
+    def __init__(self, cfg: RunConfig, total_steps: int):
+        self.opt = Optimizer(nn.Linear(1, 1), cfg, total_steps)
+
+    def after(self, steps: int) -> float:
+        if steps < self.opt.steps:
+            self.opt.restart_at(steps)
+        else:
+            self.opt.advance(steps - self.opt.steps)
+        return self.opt.lr

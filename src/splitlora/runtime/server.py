@@ -1,7 +1,18 @@
-"""The main server: blocks K..L-1, final norm and LM head with one shared server-side LoRA."""
+"""The main server: its blocks with one shared server-side LoRA.
+
+Two-part split: blocks K..L-1, the final norm and the LM head; :meth:`SplitServer.step` takes the
+activations (and labels) of one or more client batches, computes the loss, steps, and returns each
+client's dL/dh_K. U-shape: only blocks K..L-T-1; :meth:`SplitServer.forward` returns h_(L-T) for each
+batch, and :meth:`SplitServer.backward` takes the clients' dL/dh_(L-T), steps, and returns dL/dh_K.
+
+The server never applies a step whose gradients are not finite: the clients whose batches made them
+so are named in :class:`Refused` and left out, and the step is taken without them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -11,52 +22,163 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..config import RunConfig
 from ..data.batching import IGNORE
+from ..device import PartyRng, party_seed
+from ..messages import Activations, Backward, Tail, TailGrad
 from ..models.split import server_forward
-from ..transport.messages import Activations, Gradients
+from .hooks import Hook, Work, observe
 from .optim import Optimizer
 
 
+@dataclass
+class Refused:
+    """Clients whose contribution to a server step was left out, and why."""
+
+    clients: list = field(default_factory=list)
+    reason: str = ""
+
+
 class SplitServer:
-    """``process`` takes the activations of one step and returns each client's gradient.
-
-    ``sequential``: one server step per client batch, in client-id order (the paper's code).
-    ``batched``: one server step over the concatenated activations of all clients.
-    """
-
     def __init__(self, part: nn.Module, cfg: RunConfig, total_steps: int):
         self.part = part
-        self.mode = cfg.server_mode
+        self.u_shape = cfg.u_shape
         self.vocab_size = part.config.vocab_size
         self.optimizer = Optimizer(part, cfg, total_steps)
         self.device = next(part.parameters()).device
+        self.rng = PartyRng(party_seed(cfg.seed, "server"), self.device)
+        self.hooks: list[Hook] = []
+        self._open = None  # U-shape: the middle's graph between forward and backward
 
-    def process(self, ups: Sequence[Activations]) -> list[Gradients]:
-        ups = sorted(ups, key=lambda a: a.client_id)
-        if self.mode == "batched":
-            return self._step(ups)
-        return [g for a in ups for g in self._step([a])]
+    def _observe(self, kind: str, ups) -> "contextlib.ExitStack":
+        return observe(self.hooks, Work("server", kind, ups[0][1].step, tuple(tuple(a.hidden.shape) for _, a, *_ in ups),
+                                        clients=tuple(getattr(c, "name", str(c)) for c, *_ in ups)))
 
-    def _step(self, ups: Sequence[Activations]) -> list[Gradients]:
-        width = max(a.hidden.shape[1] for a in ups)
-        dev = self.device
-        hidden = torch.cat([_pad(a.hidden.to(dev), width, 0.0) for a in ups]).requires_grad_(True)
-        mask = torch.cat([_pad(a.attention_mask.to(dev), width, 0) for a in ups])
-        labels = torch.cat([_pad(a.labels.to(dev), width, IGNORE) for a in ups])
-        self.part.train()
-        logits = server_forward(self.part, hidden, mask)
-        loss = ForCausalLMLoss(logits, labels, self.vocab_size)
-        loss.backward()
-        self.optimizer.step()
-        loss_value = float(loss.detach())  # one device sync per server step, not one per client
-        grads, row = [], 0
-        for a in ups:
+    # ---- two-part -------------------------------------------------------------------------------
+    def step(self, ups: Sequence[tuple[object, Activations]]) -> tuple[dict, Refused]:
+        """One server step over ``ups`` (``(client, activations)`` pairs): ``{client: Backward}``."""
+        refused = Refused()
+        ups = list(ups)
+        while ups:
+            with self.rng.active(), self._observe("server", ups):
+                hidden, mask = self._concat(ups)
+                labels = torch.cat([_pad(a.labels.to(self.device), hidden.shape[1], IGNORE) for _, a in ups])
+                self.part.train()
+                logits = server_forward(self.part, hidden, mask)
+                loss = ForCausalLMLoss(logits, labels, self.vocab_size)
+                bad = self._bad_rows(logits, labels, ups) if not torch.isfinite(loss) else []
+                if not bad:
+                    loss.backward()
+                    if self.optimizer.grads_ok():
+                        self.optimizer.step()
+                        return self._replies(ups, hidden.grad, float(loss.detach())), refused
+                    bad = self._culprits(ups)
+                self.optimizer.zero_grad()
+            refused.clients += [c for c, _ in ups if c in bad]
+            refused.reason = "its batch made the server's loss or gradients non-finite"
+            ups = [(c, a) for c, a in ups if c not in bad]
+        return {}, refused
+
+    def _replies(self, ups, grad: torch.Tensor, loss: float) -> dict:
+        out, row = {}, 0
+        for client, a in ups:
             b, t = a.hidden.shape[:2]
             tokens = int((a.labels[:, 1:] != IGNORE).sum())
             # Gradients leave on the activations' device (the client's).
-            grads.append(Gradients(a.client_id, a.step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(),
-                                   loss_value, tokens))
+            out[client] = Backward(a.step, grad[row:row + b, :t].to(a.hidden.device).contiguous(), loss, tokens)
             row += b
-        return grads
+        return out
+
+    def _bad_rows(self, logits, labels, ups) -> list:
+        """The clients whose rows give a non-finite loss."""
+        per_token = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                    ignore_index=IGNORE, reduction="none").view(labels.shape[0], -1)
+        bad, row = [], 0
+        for client, a in ups:
+            b = a.hidden.shape[0]
+            if not bool(torch.isfinite(per_token[row:row + b]).all()):
+                bad.append(client)
+            row += b
+        return bad or [c for c, _ in ups]
+
+    def _culprits(self, ups) -> list:
+        """Finite loss but non-finite gradients: try each client's batch alone (no step)."""
+        bad = []
+        for client, a in ups:
+            self.optimizer.zero_grad()
+            hidden, mask = self._concat([(client, a)])
+            logits = server_forward(self.part, hidden, mask)
+            if self.u_shape:
+                raise AssertionError("two-part only")
+            ForCausalLMLoss(logits, a.labels.to(self.device), self.vocab_size).backward()
+            if not self.optimizer.grads_ok():
+                bad.append(client)
+        return bad or [c for c, _ in ups]
+
+    def _concat(self, ups):
+        width = max(a.hidden.shape[1] for _, a in ups)
+        hidden = torch.cat([_pad(a.hidden.to(self.device), width, 0.0) for _, a in ups]).requires_grad_(True)
+        mask = torch.cat([_pad(a.attention_mask.to(self.device), width, 0) for _, a in ups])
+        return hidden, mask
+
+    # ---- U-shape --------------------------------------------------------------------------------
+    def forward(self, ups: Sequence[tuple[object, Activations]]) -> tuple[dict, Refused]:
+        """The middle blocks over ``ups``: ``{client: Tail(h_(L-T))}``; the graph stays open for :meth:`backward`."""
+        refused = Refused()
+        with self.rng.active(), self._observe("server", ups):
+            hidden, mask = self._concat(ups)
+            self.part.train()
+            out = server_forward(self.part, hidden, mask)
+            tails, row, kept = {}, 0, []
+            for client, a in ups:
+                b, t = a.hidden.shape[:2]
+                rows = out[row:row + b, :t]
+                if bool(torch.isfinite(rows).all()):
+                    tails[client] = Tail(a.step, rows.detach().to(a.hidden.device).contiguous())
+                    kept.append((client, a, row))
+                else:
+                    refused.clients.append(client)
+                row += b
+        if refused.clients:
+            refused.reason = "its batch made the server's activations non-finite"
+        self._open = (hidden, out, kept)
+        return tails, refused
+
+    def backward(self, grads: dict) -> tuple[dict, Refused]:
+        """dL/dh_(L-T) of the clients in ``grads`` (``{client: TailGrad}``) -> ``{client: Backward}``.
+
+        Each client sent the gradient of its batch's mean loss; weighting batch i by n_i / N (its share
+        of the step's loss tokens) gives the gradient of the mean loss over every token of the step, as
+        the two-part server and ``cen`` compute it. Clients that sent nothing contribute nothing."""
+        hidden, out, kept = self._open
+        self._open = None
+        refused = Refused()
+        live = [(c, a, row) for c, a, row in kept if c in grads]
+        tokens = sum(grads[c].tokens for c, _, _ in live)
+        if not live or tokens == 0:
+            if live:
+                refused.clients, refused.reason = [c for c, _, _ in live], "its batch carried no loss tokens"
+            return {}, refused
+        step = live[0][1].step
+        with self.rng.active(), self._observe("server_bwd", live):
+            upstream = torch.zeros_like(out)
+            share = {c: grads[c].tokens / tokens for c, _, _ in live}
+            for c, a, row in live:
+                b, t = a.hidden.shape[:2]
+                g = grads[c].grad.to(out.device, out.dtype)
+                upstream[row:row + b, :t] = g if share[c] == 1.0 else g * share[c]
+            out.backward(upstream)
+            if not self.optimizer.grads_ok():
+                self.optimizer.zero_grad()
+                refused.clients = [c for c, _, _ in live]
+                refused.reason = "the server's gradients were not finite"
+                return {}, refused
+            self.optimizer.step()
+            loss = sum(grads[c].loss * share[c] for c, _, _ in live)
+            replies = {}
+            for c, a, row in live:
+                b, t = a.hidden.shape[:2]
+                replies[c] = Backward(step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(), loss,
+                                      grads[c].tokens, scale=share[c])
+        return replies, refused
 
 
 def _pad(t: torch.Tensor, width: int, value) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ..config import RunConfig
 from ..runtime.metrics import read_metrics
-from .grpc_server import ENDPOINT_FILE
+from .serve import ENDPOINT_FILE
 
 
 class LoopbackError(RuntimeError):
@@ -34,7 +34,8 @@ class Loopback:
     """
 
     def __init__(self, cfg: RunConfig, client_csvs: Sequence[str | Path], root: str | Path,
-                 tls: tuple[Path, Path, Path] | None = None):
+                 tls: tuple[Path, Path, Path] | None = None, names: Sequence[str] | None = None):
+        """Client ``i`` is named ``names[i]`` (default ``"0"``, ``"1"``, ...) and gets ``client_csvs[i]``."""
         self.cfg = cfg
         self.csvs = [Path(c) for c in client_csvs]
         self.root = Path(root)
@@ -43,11 +44,12 @@ class Loopback:
         self.tls = tls  # (cert, key, ca)
         self.config_path = self.root / "run.yaml"
         cfg.save(self.config_path)
-        self.tokens = {i: secrets.token_urlsafe(24) for i in range(len(self.csvs))}
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.csvs))]
+        self.tokens = {name: secrets.token_urlsafe(24) for name in self.names}
         self.token_file = self.root / "tokens.txt"
-        _write_private(self.token_file, "".join(f"{i} {t}\n" for i, t in self.tokens.items()))
-        for i, token in self.tokens.items():
-            _write_private(self.root / f"client{i}.token", token + "\n")
+        _write_private(self.token_file, "".join(f"{n} {t}\n" for n, t in self.tokens.items()))
+        for name, token in self.tokens.items():
+            _write_private(self.root / f"{name}.token", token + "\n")
         self.server: subprocess.Popen | None = None
         self.clients: dict[int, subprocess.Popen] = {}
         self._logs: list = []
@@ -86,12 +88,16 @@ class Loopback:
         raise LoopbackError(f"server did not listen within {timeout:.0f}s: {self.tail('server.log')}")
 
     def start_client(self, i: int, *extra: str, endpoint: str | None = None) -> subprocess.Popen:
-        args = ["client", "--server", endpoint or self.endpoint(), "--token-file", str(self.root / f"client{i}.token"),
-                "--client-id", str(i), "--data", str(self.csvs[i]), "--quiet", *extra]
+        name = self.names[i]
+        args = ["client", "--server", endpoint or self.endpoint(), "--token-file", str(self.root / f"{name}.token"),
+                "--client-id", name, "--data", str(self.csvs[i]), "--quiet", *extra]
         if self.tls is not None:
             args += ["--tls-ca", str(self.tls[2])]
-        self.clients[i] = self._spawn(args, f"client{i}.log")
+        self.clients[i] = self._spawn(args, f"client-{name}.log")
         return self.clients[i]
+
+    def client_log(self, i: int) -> str:
+        return f"client-{self.names[i]}.log"
 
     def wait(self, proc: subprocess.Popen, timeout: float, name: str = "process") -> int:
         try:
@@ -177,8 +183,8 @@ def run_loopback(cfg: RunConfig, client_csvs: Sequence[str | Path], out_dir: str
                  tls: tuple[Path, Path, Path] | None = None, serve_args: Sequence[str] = ()) -> dict:
     """Serve ``cfg`` to one client per CSV (client i gets ``client_csvs[i]``) on 127.0.0.1, to the end.
 
-    ``mode="processes"``: the real commands, one process each. ``mode="threads"``: one process, the
-    model loaded once (less start-up, same protocol). Returns tokens/s (of the training loop, as
+    ``mode="processes"``: the real commands, one process each. ``mode="threads"``: one process, one
+    thread per party (less start-up, same protocol). Returns tokens/s (of the training loop, as
     ``splitlora train`` reports it), tensor bytes per step up/down (as the simulation counts them),
     bytes actually serialised per step, and ``adapter_dir``; ``wall_s`` includes start-up.
     """
@@ -187,7 +193,7 @@ def run_loopback(cfg: RunConfig, client_csvs: Sequence[str | Path], out_dir: str
     if len(client_csvs) != cfg.clients:
         cfg = replace(cfg, clients=len(client_csvs)).validate()
     root = Path(out_dir)
-    if (root / "run.yaml").is_file() and (root / "server").is_dir():
+    if (root / "server").is_dir():
         shutil.rmtree(root / "server")  # an earlier loopback run in the same folder
     start = time.perf_counter()
     if mode == "threads":
@@ -215,19 +221,18 @@ def _run_processes(cfg, csvs, root: Path, timeout: float, tls, serve_args) -> di
         for i, proc in lb.clients.items():
             rc = lb.wait(proc, max(deadline - time.monotonic(), 30), f"client {i}")
             if rc != 0:
-                raise LoopbackError(f"client {i} exited with {rc}: {lb.tail(f'client{i}.log')}")
+                raise LoopbackError(f"client {i} exited with {rc}: {lb.tail(lb.client_log(i))}")
         return summarize(lb.metrics(), lb.server_dir / "adapter")
 
 
 def _run_threads(cfg, csvs, root: Path, timeout: float, tls) -> dict:
-    from ..models.loading import load_model
-    from .grpc_client import ClientOptions, RemoteClient
-    from .grpc_server import ServeOptions, serve
+    from ..config import ClientOptions, ServeOptions
+    from .remote_client import RemoteClient
+    from .serve import serve
 
     root.mkdir(parents=True, exist_ok=True)
     server_dir = root / "server"
-    tokens = {i: secrets.token_urlsafe(24) for i in range(len(csvs))}
-    loaded = load_model(cfg.model)
+    tokens = {str(i): secrets.token_urlsafe(24) for i in range(len(csvs))}
     ready = threading.Event()
     port: list[int] = []
     errors: list[BaseException] = []
@@ -237,16 +242,16 @@ def _run_threads(cfg, csvs, root: Path, timeout: float, tls) -> dict:
 
     def run_server():
         try:
-            serve(cfg, opts, server_dir, loaded=loaded, on_ready=lambda p: (port.append(p), ready.set()))
+            serve(cfg, opts, server_dir, on_ready=lambda p: (port.append(p), ready.set()))
         except BaseException as exc:  # reported below
             errors.append(exc)
             ready.set()
 
     def run_client(i):
         try:
-            RemoteClient(ClientOptions(server=f"127.0.0.1:{port[0]}", client_id=i, token=tokens[i], data=str(csvs[i]),
-                                       tls_ca=tls[2].read_bytes() if tls else None, progress=False,
-                                       reconnect_timeout=60), loaded=loaded).run()
+            RemoteClient(ClientOptions(server=f"127.0.0.1:{port[0]}", client_id=str(i), token=tokens[str(i)],
+                                       data=str(csvs[i]), tls_ca=tls[2].read_bytes() if tls else None,
+                                       progress=False, reconnect_timeout=60)).run()
         except BaseException as exc:
             errors.append(exc)
 

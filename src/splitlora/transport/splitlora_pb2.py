@@ -24,39 +24,69 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsplitlora.proto\x12\x0csplitlora.v1\"*\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.splitlora.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\"e\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04join\x18\x04 \x01(\x08\"\xde\x01\n\x07RunSpec\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tcut_layer\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lient_rank\x18\x04 \x01(\x05\x12\x14\n\x0c\x63lient_alpha\x18\x05 \x01(\x01\x12\x16\n\x0e\x63lient_dropout\x18\x06 \x01(\x01\x12\x1d\n\x15\x63lient_target_modules\x18\x07 \x03(\t\x12\r\n\x05steps\x18\x08 \x01(\x03\x12\x17\n\x0f\x61ggregate_every\x18\t \x01(\x05\x12\x12\n\nwire_dtype\x18\n \x01(\t\"\xdb\x01\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x15.splitlora.v1.RunSpec\x12\x0f\n\x07session\x18\x03 \x01(\x04\x12\x12\n\nstart_step\x18\x04 \x01(\x03\x12\r\n\x05round\x18\x05 \x01(\x03\x12/\n\x0c\x63lient_state\x18\x06 \x03(\x0b\x32\x19.splitlora.v1.NamedTensor\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\"\xa8\x01\n\rActivationsUp\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12$\n\x06labels\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\"r\n\rGradientsDown\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\"\n\x04grad\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\taggregate\x18\x05 \x01(\x08\"x\n\tAdapterUp\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12(\n\x05state\x18\x05 \x03(\x0b\x32\x19.splitlora.v1.NamedTensor\"\xb7\x01\n\x0b\x41\x64\x61pterDown\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\naggregated\x18\x02 \x01(\x08\x12(\n\x05state\x18\x03 \x03(\x0b\x32\x19.splitlora.v1.NamedTensor\x12\x0f\n\x07\x63lients\x18\x04 \x01(\x05\x12\x11\n\tnext_step\x18\x05 \x01(\x03\x12\x17\n\x0f\x63heckpoint_step\x18\x06 \x01(\x03\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x01(\x08\"&\n\x04\x44one\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT32\x10\x05\x32\xe3\x01\n\tSplitLoRA\x12\x35\n\x05Hello\x12\x13.splitlora.v1.Chunk\x1a\x13.splitlora.v1.Chunk(\x01\x30\x01\x12\x34\n\x04Step\x12\x13.splitlora.v1.Chunk\x1a\x13.splitlora.v1.Chunk(\x01\x30\x01\x12\x39\n\tAggregate\x12\x13.splitlora.v1.Chunk\x1a\x13.splitlora.v1.Chunk(\x01\x30\x01\x12.\n\x05Leave\x12\x12.splitlora.v1.Done\x1a\x11.splitlora.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsplitlora.proto\x12\x0csplitlora.v2\"*\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.splitlora.v2.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.splitlora.v2.Tensor\"3\n\x05State\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.splitlora.v2.NamedTensor\"\x93\x01\n\x0bHandoverMsg\x12\"\n\x05state\x18\x01 \x01(\x0b\x32\x13.splitlora.v2.State\x12$\n\x07\x65xp_avg\x18\x02 \x01(\x0b\x32\x13.splitlora.v2.State\x12\'\n\nexp_avg_sq\x18\x03 \x01(\x0b\x32\x13.splitlora.v2.State\x12\x11\n\topt_steps\x18\x04 \x01(\x03\"e\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04join\x18\x04 \x01(\x08\"\x9e\x01\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\x04\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\r\n\x05index\x18\x06 \x01(\x05\x12\x15\n\rpoll_interval\x18\x07 \x01(\x01\"\x98\x01\n\x0e\x41\x63tivationsMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.splitlora.v2.Tensor\x12,\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x14.splitlora.v2.Tensor\x12$\n\x06labels\x18\x04 \x01(\x0b\x32\x14.splitlora.v2.Tensor\"]\n\x0bTailGradMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\"\n\x04grad\x18\x02 \x01(\x0b\x32\x14.splitlora.v2.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"9\n\x0bStepDoneMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\"T\n\nAdapterMsg\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\"\n\x05state\x18\x03 \x01(\x0b\x32\x13.splitlora.v2.State\"\xae\x02\n\rClientMessage\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12\x33\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x1c.splitlora.v2.ActivationsMsgH\x00\x12.\n\ttail_grad\x18\x04 \x01(\x0b\x32\x19.splitlora.v2.TailGradMsgH\x00\x12.\n\tstep_done\x18\x05 \x01(\x0b\x32\x19.splitlora.v2.StepDoneMsgH\x00\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x18.splitlora.v2.AdapterMsgH\x00\x12-\n\x08handover\x18\x07 \x01(\x0b\x32\x19.splitlora.v2.HandoverMsgH\x00\x42\t\n\x07payload\"\x88\x01\n\x07SyncMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x03\x12\r\n\x05round\x18\x03 \x01(\x03\x12\"\n\x05state\x18\x04 \x01(\x0b\x32\x13.splitlora.v2.State\x12+\n\x08handover\x18\x05 \x01(\x0b\x32\x19.splitlora.v2.HandoverMsg\"\x1a\n\nForwardMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\"~\n\x0b\x42\x61\x63kwardMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\"\n\x04grad\x18\x02 \x01(\x0b\x32\x14.splitlora.v2.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x10\n\x08has_loss\x18\x05 \x01(\x08\x12\r\n\x05scale\x18\x06 \x01(\x01\"=\n\x07TailMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.splitlora.v2.Tensor\"\x1c\n\x0cLocalStepMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1a\n\tUploadMsg\x12\r\n\x05round\x18\x01 \x01(\x03\"O\n\x07LoadMsg\x12\r\n\x05round\x18\x01 \x01(\x03\x12\"\n\x05state\x18\x02 \x01(\x0b\x32\x13.splitlora.v2.State\x12\x11\n\tkeep_from\x18\x03 \x01(\x03\"\x1a\n\nHandOutMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\"F\n\tHandInMsg\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12+\n\x08handover\x18\x02 \x01(\x0b\x32\x19.splitlora.v2.HandoverMsg\")\n\tFinishMsg\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\t\n\x07WaitMsg\"\xf7\x03\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x04sync\x18\x02 \x01(\x0b\x32\x15.splitlora.v2.SyncMsgH\x00\x12+\n\x07\x66orward\x18\x03 \x01(\x0b\x32\x18.splitlora.v2.ForwardMsgH\x00\x12-\n\x08\x62\x61\x63kward\x18\x04 \x01(\x0b\x32\x19.splitlora.v2.BackwardMsgH\x00\x12%\n\x04tail\x18\x05 \x01(\x0b\x32\x15.splitlora.v2.TailMsgH\x00\x12\x30\n\nlocal_step\x18\x06 \x01(\x0b\x32\x1a.splitlora.v2.LocalStepMsgH\x00\x12)\n\x06upload\x18\x07 \x01(\x0b\x32\x17.splitlora.v2.UploadMsgH\x00\x12%\n\x04load\x18\x08 \x01(\x0b\x32\x15.splitlora.v2.LoadMsgH\x00\x12,\n\x08hand_out\x18\t \x01(\x0b\x32\x18.splitlora.v2.HandOutMsgH\x00\x12*\n\x07hand_in\x18\n \x01(\x0b\x32\x17.splitlora.v2.HandInMsgH\x00\x12)\n\x06\x66inish\x18\x0b \x01(\x0b\x32\x17.splitlora.v2.FinishMsgH\x00\x12%\n\x04wait\x18\x0c \x01(\x0b\x32\x15.splitlora.v2.WaitMsgH\x00\x42\x06\n\x04kind\"8\n\rServerMessage\x12\'\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x15.splitlora.v2.Command\"&\n\x04\x44one\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT32\x10\x05\x32\xac\x01\n\tSplitLoRA\x12\x35\n\x05Hello\x12\x13.splitlora.v2.Chunk\x1a\x13.splitlora.v2.Chunk(\x01\x30\x01\x12\x38\n\x08\x45xchange\x12\x13.splitlora.v2.Chunk\x1a\x13.splitlora.v2.Chunk(\x01\x30\x01\x12.\n\x05Leave\x12\x12.splitlora.v2.Done\x1a\x11.splitlora.v2.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitlora_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1411
-  _globals['_DTYPE']._serialized_end=1503
+  _globals['_DTYPE']._serialized_start=2648
+  _globals['_DTYPE']._serialized_end=2740
   _globals['_CHUNK']._serialized_start=33
   _globals['_CHUNK']._serialized_end=75
   _globals['_TENSOR']._serialized_start=77
   _globals['_TENSOR']._serialized_end=150
   _globals['_NAMEDTENSOR']._serialized_start=152
   _globals['_NAMEDTENSOR']._serialized_end=217
-  _globals['_HELLOREQUEST']._serialized_start=219
-  _globals['_HELLOREQUEST']._serialized_end=320
-  _globals['_RUNSPEC']._serialized_start=323
-  _globals['_RUNSPEC']._serialized_end=545
-  _globals['_HELLOREPLY']._serialized_start=548
-  _globals['_HELLOREPLY']._serialized_end=767
-  _globals['_ACTIVATIONSUP']._serialized_start=770
-  _globals['_ACTIVATIONSUP']._serialized_end=938
-  _globals['_GRADIENTSDOWN']._serialized_start=940
-  _globals['_GRADIENTSDOWN']._serialized_end=1054
-  _globals['_ADAPTERUP']._serialized_start=1056
-  _globals['_ADAPTERUP']._serialized_end=1176
-  _globals['_ADAPTERDOWN']._serialized_start=1179
-  _globals['_ADAPTERDOWN']._serialized_end=1362
-  _globals['_DONE']._serialized_start=1364
-  _globals['_DONE']._serialized_end=1402
-  _globals['_ACK']._serialized_start=1404
-  _globals['_ACK']._serialized_end=1409
-  _globals['_SPLITLORA']._serialized_start=1506
-  _globals['_SPLITLORA']._serialized_end=1733
+  _globals['_STATE']._serialized_start=219
+  _globals['_STATE']._serialized_end=270
+  _globals['_HANDOVERMSG']._serialized_start=273
+  _globals['_HANDOVERMSG']._serialized_end=420
+  _globals['_HELLOREQUEST']._serialized_start=422
+  _globals['_HELLOREQUEST']._serialized_end=523
+  _globals['_HELLOREPLY']._serialized_start=526
+  _globals['_HELLOREPLY']._serialized_end=684
+  _globals['_ACTIVATIONSMSG']._serialized_start=687
+  _globals['_ACTIVATIONSMSG']._serialized_end=839
+  _globals['_TAILGRADMSG']._serialized_start=841
+  _globals['_TAILGRADMSG']._serialized_end=934
+  _globals['_STEPDONEMSG']._serialized_start=936
+  _globals['_STEPDONEMSG']._serialized_end=993
+  _globals['_ADAPTERMSG']._serialized_start=995
+  _globals['_ADAPTERMSG']._serialized_end=1079
+  _globals['_CLIENTMESSAGE']._serialized_start=1082
+  _globals['_CLIENTMESSAGE']._serialized_end=1384
+  _globals['_SYNCMSG']._serialized_start=1387
+  _globals['_SYNCMSG']._serialized_end=1523
+  _globals['_FORWARDMSG']._serialized_start=1525
+  _globals['_FORWARDMSG']._serialized_end=1551
+  _globals['_BACKWARDMSG']._serialized_start=1553
+  _globals['_BACKWARDMSG']._serialized_end=1679
+  _globals['_TAILMSG']._serialized_start=1681
+  _globals['_TAILMSG']._serialized_end=1742
+  _globals['_LOCALSTEPMSG']._serialized_start=1744
+  _globals['_LOCALSTEPMSG']._serialized_end=1772
+  _globals['_UPLOADMSG']._serialized_start=1774
+  _globals['_UPLOADMSG']._serialized_end=1800
+  _globals['_LOADMSG']._serialized_start=1802
+  _globals['_LOADMSG']._serialized_end=1881
+  _globals['_HANDOUTMSG']._serialized_start=1883
+  _globals['_HANDOUTMSG']._serialized_end=1909
+  _globals['_HANDINMSG']._serialized_start=1911
+  _globals['_HANDINMSG']._serialized_end=1981
+  _globals['_FINISHMSG']._serialized_start=1983
+  _globals['_FINISHMSG']._serialized_end=2024
+  _globals['_WAITMSG']._serialized_start=2026
+  _globals['_WAITMSG']._serialized_end=2035
+  _globals['_COMMAND']._serialized_start=2038
+  _globals['_COMMAND']._serialized_end=2541
+  _globals['_SERVERMESSAGE']._serialized_start=2543
+  _globals['_SERVERMESSAGE']._serialized_end=2599
+  _globals['_DONE']._serialized_start=2601
+  _globals['_DONE']._serialized_end=2639
+  _globals['_ACK']._serialized_start=2641
+  _globals['_ACK']._serialized_end=2646
+  _globals['_SPLITLORA']._serialized_start=2743
+  _globals['_SPLITLORA']._serialized_end=2915
 # @@protoc_insertion_point(module_scope)

@@ -35,22 +35,17 @@ class SplitLoRAStub:
             channel: A grpc.Channel.
         """
         self.Hello = channel.stream_stream(
-                '/splitlora.v1.SplitLoRA/Hello',
+                '/splitlora.v2.SplitLoRA/Hello',
                 request_serializer=splitlora__pb2.Chunk.SerializeToString,
                 response_deserializer=splitlora__pb2.Chunk.FromString,
                 _registered_method=True)
-        self.Step = channel.stream_stream(
-                '/splitlora.v1.SplitLoRA/Step',
-                request_serializer=splitlora__pb2.Chunk.SerializeToString,
-                response_deserializer=splitlora__pb2.Chunk.FromString,
-                _registered_method=True)
-        self.Aggregate = channel.stream_stream(
-                '/splitlora.v1.SplitLoRA/Aggregate',
+        self.Exchange = channel.stream_stream(
+                '/splitlora.v2.SplitLoRA/Exchange',
                 request_serializer=splitlora__pb2.Chunk.SerializeToString,
                 response_deserializer=splitlora__pb2.Chunk.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
-                '/splitlora.v1.SplitLoRA/Leave',
+                '/splitlora.v2.SplitLoRA/Leave',
                 request_serializer=splitlora__pb2.Done.SerializeToString,
                 response_deserializer=splitlora__pb2.Ack.FromString,
                 _registered_method=True)
@@ -60,23 +55,14 @@ class SplitLoRAServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Hello(self, request_iterator, context):
-        """HelloRequest -> HelloReply. Blocks until the server admits the client to the run (at the start,
-        at a round boundary, or when too few clients are left), then hands over the run's config and
-        the client-side adapter to start from.
+        """HelloRequest -> HelloReply.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Step(self, request_iterator, context):
-        """ActivationsUp -> GradientsDown, for one local step.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Aggregate(self, request_iterator, context):
-        """AdapterUp -> AdapterDown: the client adapter for FedAvg, and the average back.
+    def Exchange(self, request_iterator, context):
+        """ClientMessage -> ServerMessage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,13 +83,8 @@ def add_SplitLoRAServicer_to_server(servicer, server):
                     request_deserializer=splitlora__pb2.Chunk.FromString,
                     response_serializer=splitlora__pb2.Chunk.SerializeToString,
             ),
-            'Step': grpc.stream_stream_rpc_method_handler(
-                    servicer.Step,
-                    request_deserializer=splitlora__pb2.Chunk.FromString,
-                    response_serializer=splitlora__pb2.Chunk.SerializeToString,
-            ),
-            'Aggregate': grpc.stream_stream_rpc_method_handler(
-                    servicer.Aggregate,
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
                     request_deserializer=splitlora__pb2.Chunk.FromString,
                     response_serializer=splitlora__pb2.Chunk.SerializeToString,
             ),
@@ -114,9 +95,9 @@ def add_SplitLoRAServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'splitlora.v1.SplitLoRA', rpc_method_handlers)
+            'splitlora.v2.SplitLoRA', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('splitlora.v1.SplitLoRA', rpc_method_handlers)
+    server.add_registered_method_handlers('splitlora.v2.SplitLoRA', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -137,7 +118,7 @@ class SplitLoRA:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/splitlora.v1.SplitLoRA/Hello',
+            '/splitlora.v2.SplitLoRA/Hello',
             splitlora__pb2.Chunk.SerializeToString,
             splitlora__pb2.Chunk.FromString,
             options,
@@ -151,7 +132,7 @@ class SplitLoRA:
             _registered_method=True)
 
     @staticmethod
-    def Step(request_iterator,
+    def Exchange(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -164,34 +145,7 @@ class SplitLoRA:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/splitlora.v1.SplitLoRA/Step',
-            splitlora__pb2.Chunk.SerializeToString,
-            splitlora__pb2.Chunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Aggregate(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/splitlora.v1.SplitLoRA/Aggregate',
+            '/splitlora.v2.SplitLoRA/Exchange',
             splitlora__pb2.Chunk.SerializeToString,
             splitlora__pb2.Chunk.FromString,
             options,
@@ -218,7 +172,7 @@ class SplitLoRA:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitlora.v1.SplitLoRA/Leave',
+            '/splitlora.v2.SplitLoRA/Leave',
             splitlora__pb2.Done.SerializeToString,
             splitlora__pb2.Ack.FromString,
             options,

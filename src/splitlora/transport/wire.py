@@ -1,9 +1,11 @@
-"""Tensors on the wire: raw bytes with dtype and shape, checked before use, and chunked framing.
+"""Messages on the wire: the grid's commands and replies as protobuf, checked before use, and framing.
 
 Nothing here unpickles anything: a tensor is ``(dtype enum, shape, bytes)`` and is rebuilt with
 ``torch.frombuffer`` only after its dtype, shape and byte count have been checked against what the
-receiver expects. A message is serialised once and cut into :data:`CHUNK_BYTES` frames; the receiver
-refuses a declared size above its limit before reading the rest.
+receiver expects, and then its values (finite, within :attr:`Limits.max_abs`). Every reply is checked
+against the command it answers (:class:`Expect`), every command against what the client did
+(:class:`ClientView`). A message is serialised once and cut into :data:`CHUNK_BYTES` frames; the
+receiver refuses a declared size above its limit before reading the rest.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from ..data.batching import IGNORE
+from ..messages import (LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, STATE_WIRE_DTYPE, WIRE_DTYPES, Activations,
+                        AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load, LocalStep,
+                        StepDone, Sync, Tail, TailGrad, Upload)
 from . import splitlora_pb2 as pb
-from .messages import LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, WIRE_DTYPES, Activations, AdapterUpdate, Gradients
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CHUNK_BYTES = 1 << 20  # 1 MiB frames, well below gRPC's default 4 MiB message limit
 GRPC_FRAME_LIMIT = CHUNK_BYTES + (64 << 10)  # what a gRPC channel accepts per frame
 
@@ -57,9 +61,10 @@ def tensor_to_proto(t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Ten
 
 def tensor_from_proto(p: pb.Tensor, name: str, dtype: torch.dtype, ndim: int | None = None,
                       shape: tuple[int | None, ...] | None = None, max_dims: tuple[int, ...] | None = None,
-                      finite: bool = False) -> torch.Tensor:
+                      finite: bool = False, max_abs: float | None = None) -> torch.Tensor:
     """Rebuild a tensor after checking it. ``shape`` entries of ``None`` are free; ``max_dims``
-    bounds each dimension; ``finite`` rejects NaN and infinities. Raises :class:`WireError`."""
+    bounds each dimension; ``finite`` rejects NaN and infinities, ``max_abs`` any larger magnitude.
+    Raises :class:`WireError`."""
     if p.dtype != _TO_ENUM[dtype]:
         got = _FROM_ENUM.get(p.dtype)
         raise WireError(f"{name}: dtype {dtype_name(got) if got else p.dtype}, expected {dtype_name(dtype)}")
@@ -83,27 +88,32 @@ def tensor_from_proto(p: pb.Tensor, name: str, dtype: torch.dtype, ndim: int | N
         raise WireError(f"{name}: {len(p.data)} bytes for shape {list(dims)} of {dtype_name(dtype)}, "
                         f"expected {expected} (truncated or padded data)")
     t = torch.frombuffer(bytearray(p.data), dtype=dtype).reshape(dims)
-    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise WireError(f"{name}: holds NaN or infinite values")
+    if (finite or max_abs is not None) and t.is_floating_point() and t.numel():
+        worst = float(t.abs().max())  # NaN propagates
+        if not math.isfinite(worst):
+            raise WireError(f"{name}: holds NaN or infinite values")
+        if max_abs is not None and worst > max_abs:
+            raise WireError(f"{name}: a value of magnitude {worst:.3g} exceeds the bound {max_abs:.3g}")
     return t
 
 
-def state_to_proto(state: Mapping[str, torch.Tensor]) -> list[pb.NamedTensor]:
+def state_to_proto(state: Mapping[str, torch.Tensor]) -> pb.State:
     """A LoRA state (float32 on the wire, in key order)."""
-    return [pb.NamedTensor(name=k, tensor=tensor_to_proto(v, torch.float32)) for k, v in sorted(state.items())]
+    return pb.State(tensors=[pb.NamedTensor(name=k, tensor=tensor_to_proto(v, STATE_WIRE_DTYPE))
+                             for k, v in sorted(state.items())])
 
 
-def state_from_proto(items: Iterable[pb.NamedTensor], expected: Mapping[str, tuple[int, ...]],
-                     what: str = "adapter") -> dict[str, torch.Tensor]:
+def state_from_proto(msg: pb.State, expected: Mapping[str, tuple[int, ...]], what: str = "adapter",
+                     max_abs: float | None = None) -> dict[str, torch.Tensor]:
     """A LoRA state that must hold exactly the keys and shapes of ``expected``, finite float32."""
     out: dict[str, torch.Tensor] = {}
-    for item in items:
+    for item in msg.tensors:
         if item.name in out:
             raise WireError(f"{what}: tensor {item.name!r} sent twice")
         if item.name not in expected:
             raise WireError(f"{what}: unexpected tensor {item.name!r}")
-        out[item.name] = tensor_from_proto(item.tensor, f"{what}[{item.name}]", torch.float32,
-                                           shape=tuple(expected[item.name]), finite=True)
+        out[item.name] = tensor_from_proto(item.tensor, f"{what}[{item.name}]", STATE_WIRE_DTYPE,
+                                           shape=tuple(expected[item.name]), finite=True, max_abs=max_abs)
     missing = sorted(set(expected) - set(out))
     if missing:
         raise WireError(f"{what}: {len(missing)} tensors missing, e.g. {missing[0]!r}")
@@ -115,100 +125,283 @@ def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]
 
 
 def state_wire_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    return sum(math.prod(s) * 4 for s in shapes.values())
+    return sum(math.prod(s) * STATE_WIRE_DTYPE.itemsize for s in shapes.values())
 
 
-# ---- the cut ----------------------------------------------------------------------------------
+# ---- what a receiver accepts ------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class CutLimits:
-    """What the server accepts from a client's forward pass."""
+class Limits:
+    """The sizes and bounds the config implies for what crosses the cut."""
 
     batch_size: int
     max_length: int
     hidden_size: int
     vocab_size: int
     wire_dtype: str
+    max_abs: float  # the largest magnitude of any value received (Aggregation.value_bound)
+    u_shape: bool
 
     @property
     def dtype(self) -> torch.dtype:
         return WIRE_DTYPES[self.wire_dtype]
 
-    def max_activation_bytes(self) -> int:
+    def max_step_bytes(self) -> int:
+        """The largest activation (or gradient) message a client may send."""
         b, t = self.batch_size, self.max_length
-        return b * t * (self.hidden_size * self.dtype.itemsize + MASK_WIRE_DTYPE.itemsize
-                        + LABEL_WIRE_DTYPE.itemsize)
+        return b * t * (self.hidden_size * self.dtype.itemsize + MASK_WIRE_DTYPE.itemsize + LABEL_WIRE_DTYPE.itemsize)
 
 
-def activations_to_proto(a: Activations, session: int, wire_dtype: str) -> pb.ActivationsUp:
-    return pb.ActivationsUp(session=session, step=a.step,
-                            hidden=tensor_to_proto(a.hidden, WIRE_DTYPES[wire_dtype]),
-                            attention_mask=tensor_to_proto(a.attention_mask, MASK_WIRE_DTYPE),
-                            labels=tensor_to_proto(a.labels, LABEL_WIRE_DTYPE))
+def _hidden(p: pb.Tensor, name: str, lim: Limits, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    t = tensor_from_proto(p, name, lim.dtype, shape=shape or (None, None, lim.hidden_size),
+                          max_dims=(lim.batch_size, lim.max_length, lim.hidden_size), max_abs=lim.max_abs)
+    return t.to(torch.float32)
 
 
-def activations_from_proto(msg: pb.ActivationsUp, client_id: int, lim: CutLimits) -> Activations:
-    """Checked activations in the engine's dtypes (float32 hidden, int64 mask and labels)."""
-    hidden = tensor_from_proto(msg.hidden, "hidden", lim.dtype, shape=(None, None, lim.hidden_size),
-                               max_dims=(lim.batch_size, lim.max_length, lim.hidden_size), finite=True)
-    b, t = hidden.shape[:2]
-    mask = tensor_from_proto(msg.attention_mask, "attention_mask", MASK_WIRE_DTYPE, shape=(b, t))
-    labels = tensor_from_proto(msg.labels, "labels", LABEL_WIRE_DTYPE, shape=(b, t))
-    if bool((mask > 1).any()):
-        raise WireError("attention_mask: values must be 0 or 1")
-    if not bool((mask[:, 0] == 1).all()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
-        raise WireError("attention_mask: every row must be right-padded and start with a real token")
-    bad = (labels != IGNORE) & ((labels < 0) | (labels >= lim.vocab_size))
-    if bool(bad.any()):
-        raise WireError(f"labels: values must be -100 or token ids below {lim.vocab_size}")
-    return Activations(client_id, int(msg.step), hidden.to(torch.float32), mask.to(torch.long),
-                       labels.to(torch.long))
+def _check_count(value: int, most: int, name: str) -> int:
+    if not 0 <= value <= most:
+        raise WireError(f"{name}: {value} is outside [0, {most}]")
+    return int(value)
 
 
-def gradients_to_proto(g: Gradients, wire_dtype: str, aggregate: bool) -> pb.GradientsDown:
-    return pb.GradientsDown(step=g.step, grad=tensor_to_proto(g.grad, WIRE_DTYPES[wire_dtype]),
-                            loss=g.loss, tokens=g.tokens, aggregate=aggregate)
+def _check_float(value: float, name: str, low: float = 0.0) -> float:
+    if not math.isfinite(value) or value < low:
+        raise WireError(f"{name}: {value!r} must be a finite number >= {low:g}")
+    return float(value)
 
 
-def gradients_from_proto(msg: pb.GradientsDown, client_id: int, shape: tuple[int, ...],
-                         wire_dtype: str) -> Gradients:
-    grad = tensor_from_proto(msg.grad, "grad", WIRE_DTYPES[wire_dtype], shape=tuple(shape))
-    return Gradients(client_id, int(msg.step), grad.to(torch.float32), float(msg.loss), int(msg.tokens))
+def handover_to_proto(h: Handover) -> pb.HandoverMsg:
+    return pb.HandoverMsg(state=state_to_proto(h.state), exp_avg=state_to_proto(h.exp_avg),
+                          exp_avg_sq=state_to_proto(h.exp_avg_sq), opt_steps=h.opt_steps)
 
 
-def update_from_proto(msg: pb.AdapterUp, client_id: int, expected: Mapping[str, tuple[int, ...]]) -> AdapterUpdate:
-    return AdapterUpdate(client_id, int(msg.round), state_from_proto(msg.state, expected, "adapter"),
-                         int(msg.num_samples))
+def handover_from_proto(msg: pb.HandoverMsg, shapes: Mapping[str, tuple[int, ...]], max_steps: int,
+                        max_abs: float) -> Handover:
+    sq = state_from_proto(msg.exp_avg_sq, shapes, "exp_avg_sq")
+    if any(bool((v < 0).any()) for v in sq.values()):
+        raise WireError("exp_avg_sq: second moments must be >= 0")
+    return Handover(state_from_proto(msg.state, shapes, "handover", max_abs=max_abs),
+                    state_from_proto(msg.exp_avg, shapes, "exp_avg"), sq,
+                    _check_count(msg.opt_steps, max_steps, "opt_steps"))
 
 
-def payload_bytes(*tensors: pb.Tensor) -> int:
-    """Tensor bytes, counted as :class:`~splitlora.transport.inprocess.InProcessLink` counts them."""
-    return sum(len(t.data) for t in tensors)
+# ---- server -> client: commands -------------------------------------------------------------------
+
+def command_to_proto(cmd, command_id: int, wire_dtype: str) -> pb.Command:
+    """``cmd`` (a :mod:`splitlora.messages` command) as a protobuf ``Command``."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    if isinstance(cmd, Sync):
+        msg = pb.SyncMsg(step=cmd.step, batches=cmd.batches, round=cmd.round)
+        if cmd.state is not None:
+            msg.state.CopyFrom(state_to_proto(cmd.state))
+        if cmd.handover is not None:
+            msg.handover.CopyFrom(handover_to_proto(cmd.handover))
+        return pb.Command(id=command_id, sync=msg)
+    if isinstance(cmd, Forward):
+        return pb.Command(id=command_id, forward=pb.ForwardMsg(step=cmd.step))
+    if isinstance(cmd, Backward):
+        return pb.Command(id=command_id, backward=pb.BackwardMsg(
+            step=cmd.step, grad=tensor_to_proto(cmd.grad, dtype), loss=cmd.loss or 0.0, tokens=cmd.tokens or 0,
+            has_loss=cmd.loss is not None, scale=cmd.scale))
+    if isinstance(cmd, Tail):
+        return pb.Command(id=command_id, tail=pb.TailMsg(step=cmd.step, hidden=tensor_to_proto(cmd.hidden, dtype)))
+    if isinstance(cmd, LocalStep):
+        return pb.Command(id=command_id, local_step=pb.LocalStepMsg(step=cmd.step))
+    if isinstance(cmd, Upload):
+        return pb.Command(id=command_id, upload=pb.UploadMsg(round=cmd.round))
+    if isinstance(cmd, Load):
+        msg = pb.LoadMsg(round=cmd.round, keep_from=cmd.keep_from)
+        if cmd.state is not None:
+            msg.state.CopyFrom(state_to_proto(cmd.state))
+        return pb.Command(id=command_id, load=msg)
+    if isinstance(cmd, HandOut):
+        return pb.Command(id=command_id, hand_out=pb.HandOutMsg(step=cmd.step))
+    if isinstance(cmd, HandIn):
+        return pb.Command(id=command_id, hand_in=pb.HandInMsg(step=cmd.step, handover=handover_to_proto(cmd.handover)))
+    if isinstance(cmd, Finish):
+        return pb.Command(id=command_id, finish=pb.FinishMsg(stop=cmd.stop, reason=cmd.reason))
+    raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
-def state_payload_bytes(items: Iterable[pb.NamedTensor]) -> int:
-    return sum(len(i.tensor.data) for i in items)
+WAIT = "wait"  # what command_from_proto returns for a Wait: nothing to do, call again
 
 
-# ---- handshake ------------------------------------------------------------------------------
+@dataclass
+class ClientView:
+    """What a client checks the server's commands against: its own LoRA shapes and open batch."""
 
-def base_fingerprint(part: torch.nn.Module) -> str:
-    """sha256 of a part's frozen (non-LoRA) tensors: both ends must hold the same base weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(part.state_dict().items()):
-        if "lora_" in name:
+    shapes: Mapping[str, tuple[int, ...]]
+    lim: Limits
+    steps: int
+    open_shape: tuple[int, ...] | None = None  # (B, T, H) of the batch between Forward and Backward
+
+
+def command_from_proto(msg: pb.Command, view: ClientView):
+    """A checked command (raises :class:`WireError`), or :data:`WAIT`."""
+    kind = msg.WhichOneof("kind")
+    lim, shapes = view.lim, view.shapes
+
+    def step(value: int) -> int:
+        return _check_count(value, view.steps, "step")
+
+    def grad_like(p: pb.Tensor, name: str) -> torch.Tensor:
+        if view.open_shape is None:
+            raise WireError(f"{name} for a batch this client has not sent")
+        return _hidden(p, name, lim, shape=view.open_shape)
+
+    if kind == "sync":
+        m = msg.sync
+        return Sync(step(m.step), step(m.batches), _check_count(m.round, view.steps, "round"),
+                    state_from_proto(m.state, shapes, "state", lim.max_abs) if m.HasField("state") else None,
+                    handover_from_proto(m.handover, shapes, view.steps, lim.max_abs) if m.HasField("handover") else None)
+    if kind == "forward":
+        return Forward(step(msg.forward.step))
+    if kind == "backward":
+        m = msg.backward
+        return Backward(step(m.step), grad_like(m.grad, "grad"), _check_float(m.loss, "loss") if m.has_loss else None,
+                        _check_count(m.tokens, lim.batch_size * lim.max_length, "tokens") if m.has_loss else None,
+                        _check_float(m.scale, "scale") if lim.u_shape else 1.0)
+    if kind == "tail":
+        return Tail(step(msg.tail.step), grad_like(msg.tail.hidden, "hidden"))
+    if kind == "local_step":
+        return LocalStep(step(msg.local_step.step))
+    if kind == "upload":
+        return Upload(_check_count(msg.upload.round, view.steps, "round"))
+    if kind == "load":
+        m = msg.load
+        return Load(_check_count(m.round, view.steps, "round"),
+                    state_from_proto(m.state, shapes, "average", lim.max_abs) if m.HasField("state") else None,
+                    step(m.keep_from))
+    if kind == "hand_out":
+        return HandOut(step(msg.hand_out.step))
+    if kind == "hand_in":
+        return HandIn(step(msg.hand_in.step), handover_from_proto(msg.hand_in.handover, shapes, view.steps,
+                                                                  lim.max_abs))
+    if kind == "finish":
+        return Finish(msg.finish.stop, msg.finish.reason[:500])
+    if kind == "wait":
+        return WAIT
+    raise WireError(f"unknown command {kind!r}")
+
+
+# ---- client -> server: replies --------------------------------------------------------------------
+
+def reply_to_proto(reply, session: int, reply_to: int, wire_dtype: str) -> pb.ClientMessage:
+    dtype = WIRE_DTYPES[wire_dtype]
+    msg = pb.ClientMessage(session=session, reply_to=reply_to)
+    if reply is None:
+        return msg
+    if isinstance(reply, Activations):
+        a = pb.ActivationsMsg(step=reply.step, hidden=tensor_to_proto(reply.hidden, dtype),
+                              attention_mask=tensor_to_proto(reply.attention_mask, MASK_WIRE_DTYPE))
+        if reply.labels is not None:
+            a.labels.CopyFrom(tensor_to_proto(reply.labels, LABEL_WIRE_DTYPE))
+        msg.activations.CopyFrom(a)
+    elif isinstance(reply, TailGrad):
+        msg.tail_grad.CopyFrom(pb.TailGradMsg(step=reply.step, grad=tensor_to_proto(reply.grad, dtype),
+                                              loss=reply.loss, tokens=reply.tokens))
+    elif isinstance(reply, StepDone):
+        msg.step_done.CopyFrom(pb.StepDoneMsg(step=reply.step, loss=reply.loss, tokens=reply.tokens))
+    elif isinstance(reply, AdapterUpdate):
+        msg.adapter.CopyFrom(pb.AdapterMsg(round=reply.round, num_samples=reply.num_samples,
+                                           state=state_to_proto(reply.state)))
+    elif isinstance(reply, Handover):
+        msg.handover.CopyFrom(handover_to_proto(reply))
+    else:
+        raise TypeError(f"not a reply: {type(reply).__name__}")
+    return msg
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the server asked a client for, so that it can check the answer."""
+
+    command: object  # the command sent
+    lim: Limits
+    steps: int
+    shapes: Mapping[str, tuple[int, ...]]  # the client's LoRA state shapes
+    num_samples: int  # what the client declared in Hello
+
+
+def reply_from_proto(msg: pb.ClientMessage, expect: Expect):
+    """The checked reply to ``expect.command`` (raises :class:`WireError`)."""
+    cmd, lim = expect.command, expect.lim
+    kind = msg.WhichOneof("payload")
+    want = {Forward: "activations", Tail: "tail_grad", LocalStep: "step_done", Upload: "adapter",
+            HandOut: "handover"}[type(cmd)]
+    if kind != want:
+        raise WireError(f"the reply to {type(cmd).__name__} must be {want}, got {kind or 'nothing'}")
+
+    def same_step(value: int) -> int:
+        if value != getattr(cmd, "step", value):
+            raise WireError(f"reply for step {value}, the command was for step {cmd.step}")
+        return int(value)
+
+    if kind == "activations":
+        m = msg.activations
+        hidden = _hidden(m.hidden, "hidden", lim)
+        b, t = hidden.shape[:2]
+        mask = tensor_from_proto(m.attention_mask, "attention_mask", MASK_WIRE_DTYPE, shape=(b, t))
+        if bool((mask > 1).any()):
+            raise WireError("attention_mask: values must be 0 or 1")
+        if not bool((mask[:, 0] == 1).all()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise WireError("attention_mask: every row must be right-padded and start with a real token")
+        labels = None
+        if lim.u_shape:
+            if m.HasField("labels"):
+                raise WireError("labels: the U-shaped split keeps labels on the client; do not send them")
+        else:
+            if not m.HasField("labels"):
+                raise WireError("labels: missing (the two-part split computes the loss on the server)")
+            labels = tensor_from_proto(m.labels, "labels", LABEL_WIRE_DTYPE, shape=(b, t))
+            bad = (labels != IGNORE) & ((labels < 0) | (labels >= lim.vocab_size))
+            if bool(bad.any()):
+                raise WireError(f"labels: values must be -100 or token ids below {lim.vocab_size}")
+            if not bool((labels[:, 1:] != IGNORE).any()):
+                raise WireError("labels: the batch carries no loss token (its loss would be 0/0)")
+            labels = labels.to(torch.long)
+        return Activations(same_step(m.step), hidden, mask.to(torch.long), labels)
+    if kind == "tail_grad":
+        m = msg.tail_grad
+        shape = tuple(cmd.hidden.shape)
+        grad = _hidden(m.grad, "grad", lim, shape=shape)
+        tokens = _check_count(m.tokens, shape[0] * max(shape[1] - 1, 0), "tokens")
+        return TailGrad(same_step(m.step), grad, _check_float(m.loss, "loss"), tokens)
+    if kind == "step_done":
+        m = msg.step_done
+        return StepDone(same_step(m.step), _check_float(m.loss, "loss"),
+                        _check_count(m.tokens, lim.batch_size * lim.max_length, "tokens"))
+    if kind == "adapter":
+        m = msg.adapter
+        if m.num_samples != expect.num_samples:
+            raise WireError(f"num_samples {m.num_samples} differs from the {expect.num_samples} announced in Hello")
+        if m.round != cmd.round:
+            raise WireError(f"adapter of round {m.round}, the server asked for round {cmd.round}")
+        return AdapterUpdate(int(m.round), state_from_proto(m.state, expect.shapes, "adapter", lim.max_abs),
+                             int(m.num_samples))
+    return handover_from_proto(msg.handover, expect.shapes, expect.steps, lim.max_abs)
+
+
+def message_payload_bytes(msg) -> int:
+    """Tensor bytes of a protobuf message (every ``Tensor`` in it), as the simulation counts them."""
+    total = 0
+    for field_desc, value in msg.ListFields():
+        if field_desc.message_type is None:
             continue
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{dtype_name(t.dtype)}:{list(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+        items = value if field_desc.is_repeated else [value]
+        for item in items:
+            total += len(item.data) if isinstance(item, pb.Tensor) else message_payload_bytes(item)
+    return total
 
 
 # ---- framing ----------------------------------------------------------------------------------
 
 def to_chunks(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
-    data = msg.SerializeToString()
+    return bytes_to_chunks(msg.SerializeToString(), chunk_bytes)
+
+
+def bytes_to_chunks(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """A serialised message as frames: the first states the total size."""
     view = memoryview(data)
     if not data:
         yield pb.Chunk(data=b"", total_bytes=0)

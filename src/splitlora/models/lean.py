@@ -1,17 +1,21 @@
 """Load only the weights one side of the cut holds, with no whole-model transient.
 
-``load_model`` materialises the whole model, which is right for simulation but hides what a client
-process would need. Here the model skeleton is built on the ``meta`` device (no memory), the part
-is cut from it (``make_part``), and only that part's tensors are read from the safetensors file,
-with plain file reads straight into their final buffers (no mmap, so no file pages are counted in
-the process's memory). Non-persistent buffers (rotary frequencies) are recomputed as transformers
-itself does after a meta-device load.
+``load_model`` materialises the whole model, which is right for simulation (every simulated party
+shares it) but not for a deployed party: a data owner's small device must never hold the server's
+blocks, nor the server the clients'. Here the model skeleton is built on the ``meta`` device (no
+memory), the part is cut from it (``make_part``), and only that part's tensors are read from the
+safetensors file, with plain file reads straight into their final buffers (no mmap, so no file
+pages are counted in the process's memory). Non-persistent buffers (rotary frequencies) are
+recomputed as transformers itself does after a meta-device load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -19,8 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import UserError
-from ..models.loading import resolve_model
-from ..models.split import make_part
+from .loading import cached_target, resolve_model
+from .split import Split, make_part
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -39,6 +43,7 @@ class SafetensorsIndex:
             files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
         else:
             raise UserError(f"{model_dir} holds no safetensors weights (lean loading needs them)")
+        self.model_dir = model_dir
         self.where: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
             with f.open("rb") as fh:
@@ -51,7 +56,8 @@ class SafetensorsIndex:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def read(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def read_raw(self, key: str) -> torch.Tensor:
+        """The bytes of tensor ``key`` as stored (uint8)."""
         path, base, meta = self.where[key]
         begin, end = meta["data_offsets"]
         raw = torch.empty(end - begin, dtype=torch.uint8)
@@ -63,13 +69,48 @@ class SafetensorsIndex:
                 if not n:
                     raise UserError(f"{path} is truncated (tensor {key})")
                 got += n
-        t = raw.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        return raw
+
+    def read(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        meta = self.where[key][2]
+        t = self.read_raw(key).view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
         return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+
+    def fingerprint(self, keys) -> str:
+        """sha256 over ``keys``' names, dtypes, shapes and stored bytes, read one tensor at a time."""
+        h = hashlib.sha256()
+        for key in sorted(set(keys)):
+            meta = self.where[key][2]
+            h.update(f"{key}:{meta['dtype']}:{list(meta['shape'])};".encode())
+            h.update(self.read_raw(key).numpy())
+        return h.hexdigest()
+
+
+def local_model_dir(name: str) -> Path:
+    """The directory ``name`` is read from, built (presets, GGUF) in a child process when it is not
+    cached yet: building materialises the whole model, which a lean party must never hold."""
+    if cached_target(name) is not None and not (cached_target(name) / "config.json").is_file():
+        code = "import sys; from splitlora.models.loading import resolve_model; resolve_model(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or ["no output"]
+            raise UserError(f"cannot prepare model {name!r}: {lines[-1]}")
+    where = resolve_model(name)
+    if not Path(str(where)).is_dir():  # a hub id: the files in the local hub cache (offline: cached only)
+        try:
+            from huggingface_hub import snapshot_download
+
+            where = snapshot_download(str(where), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                  "*.tiktoken", "tokenizer*", "merges*", "vocab*"])
+        except Exception as exc:  # offline and not cached, or no such repository
+            raise UserError(f"cannot load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
+                from None
+    return Path(str(where))
 
 
 def lean_skeleton(name: str):
     """``(meta_model, tokenizer, index)``: the whole model on the meta device (no memory) and its weights' index."""
-    where = resolve_model(name)
+    where = local_model_dir(name)
     if not Path(str(where)).is_dir():
         raise UserError(f"lean loading needs a local model directory; {name!r} resolved to {where}")
     model_dir = Path(str(where))
@@ -85,7 +126,7 @@ def lean_skeleton(name: str):
     return model, tok, SafetensorsIndex(model_dir)
 
 
-def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: int) -> nn.Module:
+def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: "Split | int") -> nn.Module:
     """``side`` ("client", "server" or "whole") of the meta ``model`` with real, frozen weights.
 
     Module names are those of the whole model, so LoRA configs and keys are the engine's.
@@ -96,19 +137,36 @@ def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: int) ->
     return part
 
 
-def lean_load(name: str, side: str, cut: int):
+def lean_load(name: str, side: str, cut: "Split | int"):
     """``(part, tokenizer)`` in one call."""
     model, tok, index = lean_skeleton(name)
     return lean_part(model, index, side, cut), tok
 
 
-def materialise(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> None:
-    """Replace ``part``'s meta parameters by tensors read from ``index`` (ties preserved)."""
+def _aliases(whole: nn.Module) -> dict[int, list[str]]:
+    """id(tensor) -> every name it has in the whole model (tied weights have several)."""
     aliases: dict[int, list[str]] = {}
     for name, p in whole.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     for name, b in whole.named_buffers(remove_duplicate=False):
         aliases.setdefault(id(b), []).append(name)
+    return aliases
+
+
+def file_keys(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> list[str]:
+    """The checkpoint keys of the tensors ``part`` (still on meta, cut from ``whole``) holds."""
+    aliases = _aliases(whole)
+    keys = []
+    for t in (*part.parameters(), *part.buffers()):
+        names = [n for n in aliases.get(id(t), []) if n in index]
+        if names:
+            keys.append(names[0])
+    return sorted(set(keys))
+
+
+def materialise(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> None:
+    """Replace ``part``'s meta parameters by tensors read from ``index`` (ties preserved)."""
+    aliases = _aliases(whole)
     done: dict[int, torch.Tensor] = {}
     rebuild: list[nn.Module] = []
     for module in part.modules():

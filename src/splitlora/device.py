@@ -1,0 +1,106 @@
+"""Devices, threads and random streams: the small helpers every party shares."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import zlib
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU if there is one). One-line error otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be cpu, cuda, cuda:N or auto (got {name!r})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu, cuda, cuda:N or auto (got {name!r})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but no CUDA GPU is available")
+    return device
+
+
+def setup_torch(seed: int, threads: int = 0) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def party_seed(seed: int, role: str) -> int:
+    """A seed of its own for each party (``"server"``, ``"client:3"``), fixed by the run's seed."""
+    return (seed * 1_000_003 + zlib.crc32(role.encode())) % (2**63 - 1)
+
+
+class PartyRng:
+    """A party's own random stream (LoRA dropout), kept apart from every other party's.
+
+    Each party of a deployment is its own process with its own generator; giving every simulated
+    party its own stream too makes the simulation draw exactly what the deployment draws, so the
+    two train the same adapter even with dropout on. The stream is swapped into torch's global
+    generator for the party's work; parties that share a process (threads) take turns.
+    """
+
+    _turn = threading.RLock()
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        gen = torch.Generator().manual_seed(seed)
+        self.cpu_state = gen.get_state()
+        self.cuda_state = None
+        self._active = False
+        if self.device.type == "cuda":
+            cuda_gen = torch.Generator(device=self.device).manual_seed(seed)
+            self.cuda_state = cuda_gen.get_state()
+
+    @contextlib.contextmanager
+    def active(self):
+        with self._turn:
+            with self._swapped():
+                yield
+
+    @contextlib.contextmanager
+    def _swapped(self):
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.cpu_state)
+        saved_cuda = None
+        if self.cuda_state is not None:
+            saved_cuda = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            self.cpu_state = torch.get_rng_state()
+            torch.set_rng_state(saved)
+            if saved_cuda is not None:
+                self.cuda_state = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(saved_cuda, self.device)
+
+    def state_dict(self) -> dict:
+        """The stream's position (read live while :meth:`active`)."""
+        cpu = torch.get_rng_state() if self._active else self.cpu_state
+        out = {"cpu": cpu.clone()}
+        if self.cuda_state is not None:
+            out["cuda"] = (torch.cuda.get_rng_state(self.device) if self._active else self.cuda_state).clone()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cpu_state = state["cpu"].clone()
+        if self._active:
+            torch.set_rng_state(self.cpu_state)
+        if "cuda" in state and self.cuda_state is not None:
+            self.cuda_state = state["cuda"].clone()
+            if self._active:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
