@@ -24,9 +24,12 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2):
+@pytest.mark.parametrize("shape", [{}, {"split_shape": "u-shape", "tail_layers": 1},
+                                   {"split_shape": "u-shape", "tail_layers": 0, "cut_layer": 1}],
+                         ids=["two-part", "u-shape-T1", "u-shape-T0"])
+def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2, shape):
     common = dict(steps=20, clients=1, aggregate_every=1, batch_size=2, synthetic_examples=30)
-    train(tiny_config(algorithm="splitlora", **common), tmp_path / "split", progress=False, loaded=tiny_gpt2)
+    train(tiny_config(algorithm="splitlora", **common, **shape), tmp_path / "split", progress=False, loaded=tiny_gpt2)
     train(tiny_config(algorithm="cen", **common), tmp_path / "cen", progress=False, loaded=tiny_gpt2)
     a, b = _adapter(tmp_path / "split"), _adapter(tmp_path / "cen")
     assert _max_diff(a, b) <= 1e-5
@@ -55,10 +58,14 @@ def test_fedavg_is_sample_weighted(tiny_gpt2):
     assert not set(lora_state(algo.server.part)) & set(expected)
 
 
-@pytest.mark.parametrize("algorithm", ["splitlora", "sl", "fed", "cen"])
-def test_same_seed_same_adapter(tmp_path, tiny_gpt2, algorithm):
+@pytest.mark.parametrize("algorithm,extra", [("splitlora", {}), ("sl", {}), ("fed", {}), ("cen", {}),
+                                             ("splitlora", {"split_shape": "u-shape", "server_mode": "batched"}),
+                                             ("splitlora", {"privacy": {"clip_norm": 1.0, "noise_multiplier": 0.5,
+                                                                        "nopeek_weight": 0.1}})],
+                         ids=["splitlora", "sl", "fed", "cen", "u-shape-batched", "noise-nopeek"])
+def test_same_seed_same_adapter(tmp_path, tiny_gpt2, algorithm, extra):
     cfg = tiny_config(algorithm=algorithm, steps=3, client_lora={"rank": 4, "dropout": 0.1},
-                      server_lora={"rank": 4, "dropout": 0.1})
+                      server_lora={"rank": 4, "dropout": 0.1}, **extra)
     train(cfg, tmp_path / "a", progress=False, loaded=tiny_gpt2)
     train(cfg, tmp_path / "b", progress=False, loaded=tiny_gpt2)
     a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
@@ -167,3 +174,93 @@ def test_sl_client_data_continues_across_turns(tiny_gpt2):
     (turn_a, first), (_, _), (turn_b, third) = seen
     assert turn_a == turn_b == "0"
     assert first.shape != third.shape or not torch.equal(first, third)
+
+
+def test_u_shape_batched_server_step_is_the_mean_loss_over_all_batches(tiny_gpt2):
+    """A batched U-shaped server step weights each client's mean-loss gradient by its share of the
+    step's loss tokens: the server's LoRA gradient is that of the mean loss over every batch of the
+    step, as the unsplit model computes it on the batches together."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from splitlora.data.batching import collate
+    from splitlora.messages import Activations, TailGrad
+    from splitlora.models.lora import add_lora, load_lora_state, side_lora_config, whole_lora_config
+    from splitlora.models.split import Split, architecture_of, client_forward, make_part, tail_forward
+    from splitlora.runtime.server import SplitServer
+
+    cfg = tiny_config(split_shape="u-shape", tail_layers=1, cut_layer=1, server_mode="batched", max_length=48)
+    model, split = tiny_gpt2.model, Split(1, 1)
+    data = prepare_data(cfg, tiny_gpt2.tokenizer)
+    batches = [collate(data.train[i:i + n], model.config.pad_token_id) for i, n in ((0, 2), (2, 3), (5, 1))]
+    torch.manual_seed(0)
+    whole = add_lora(make_part(model, "whole", split), whole_lora_config(model, cfg))
+    state = {k: torch.randn_like(v) * 0.1 for k, v in lora_state(whole).items()}
+    load_lora_state(whole, state)
+    client = add_lora(make_part(model, "client", split), side_lora_config(cfg.client_lora, architecture_of(model)))
+    load_lora_state(client, state)
+    server_part = add_lora(make_part(model, "server", split), side_lora_config(cfg.server_lora, architecture_of(model)))
+    load_lora_state(server_part, state)
+    server = SplitServer(server_part, cfg, total_steps=10)
+    server.optimizer.step = lambda: None  # keep the gradients to compare them
+
+    ups = [(f"c{i}", Activations(0, client_forward(client, b["input_ids"], b["attention_mask"], cut=1).detach(),
+                                 b["attention_mask"])) for i, b in enumerate(batches)]
+    tails, refused = server.forward(ups)
+    assert not refused.clients
+    grads = {}
+    for (name, _), b in zip(ups, batches):
+        h = tails[name].hidden.clone().requires_grad_(True)
+        logits = tail_forward(client, h, b["attention_mask"], 3)
+        loss = ForCausalLMLoss(logits, b["labels"], model.config.vocab_size)
+        loss.backward()
+        grads[name] = TailGrad(0, h.grad, float(loss), int((b["labels"][:, 1:] != -100).sum()))
+    replies, refused = server.backward(grads)
+    assert not refused.clients and set(replies) == set(grads)
+    assert sum(r.scale for r in replies.values()) == pytest.approx(1.0)
+
+    width = max(b["input_ids"].shape[1] for b in batches)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    ids = torch.cat([pad(b["input_ids"], model.config.pad_token_id) for b in batches])
+    mask = torch.cat([pad(b["attention_mask"], 0) for b in batches])
+    labels = torch.cat([pad(b["labels"], -100) for b in batches])
+    whole(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ref = dict(whole.named_parameters())
+    for n, p in server_part.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, ref[n].grad, atol=1e-5, rtol=0), (n, (p.grad - ref[n].grad).abs().max())
+
+
+def test_u_shape_sends_no_labels_and_the_server_computes_no_loss(tiny_gpt2):
+    """Protocol level: in the U-shape nothing a client sends holds a label or a token id."""
+    import dataclasses
+
+    cfg = tiny_config(split_shape="u-shape", tail_layers=1, steps=2, aggregate_every=1)
+    _, _, grid, algo = build_simulation(cfg, tiny_gpt2)
+    sent = []
+    grid.observers.append(lambda direction, client, msg, n: sent.append(msg) if direction == "up" else None)
+    algo.join(0)
+    for t in range(2):
+        algo.step(t)
+    kinds = {type(m).__name__ for m in sent}
+    assert kinds == {"Activations", "TailGrad", "AdapterUpdate"}
+    for msg in sent:
+        for f in dataclasses.fields(msg):
+            value = getattr(msg, f.name)
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and f.name != "attention_mask":
+                    assert t.is_floating_point(), (type(msg).__name__, f.name)
+        if isinstance(msg, Activations):
+            assert msg.labels is None
+
+
+def test_client_keeps_its_adapter_when_a_round_is_not_aggregated(tiny_gpt2):
+    from splitlora.messages import Load
+
+    _, _, grid, algo = build_simulation(tiny_config(), tiny_gpt2)
+    algo.join(0)
+    algo.step(0)
+    app = next(iter(grid.apps.values()))
+    before = app.lora_state()
+    app.handle(Load(1, None))  # too few uploads that round: nothing to load
+    assert _max_diff(app.lora_state(), before) == 0

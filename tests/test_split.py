@@ -124,3 +124,89 @@ def test_parts_hold_only_their_side(name, model):
 def test_every_architecture_row_is_tested():
     tested = {m.config.model_type for _, m in MODELS}
     assert set(ARCHITECTURES) <= tested
+
+
+def _u_shape_logits(client, server, ids, mask, split):
+    from splitlora.models.split import tail_forward
+
+    h = client_forward(client, ids, mask, cut=split.cut)
+    mid = server_forward(server, h, mask)
+    n = len(client.get_submodule(architecture_of(client).layers)) + len(server.get_submodule(architecture_of(server).layers))
+    return tail_forward(client, mid, mask, n - split.tail)
+
+
+@pytest.mark.parametrize("name,model", MODELS, ids=[n for n, _ in MODELS])
+@pytest.mark.parametrize("cut,tail", [(1, 0), (1, 2), (2, 1)])
+def test_u_shaped_split_forward_equals_unsplit(name, model, cut, tail):
+    """U-shape: the client runs blocks 0..K-1 and L-T..L-1 with the head, the server the middle."""
+    from splitlora.models.split import Split
+
+    model.eval()
+    split = Split(cut, tail)
+    ids, mask, _ = _padded_batch()
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits
+        client = make_part(model, "client", split).eval()
+        server = make_part(model, "server", split).eval()
+        got = _u_shape_logits(client, server, ids, mask, split)
+    real = mask.bool()
+    assert torch.allclose(got[real], whole[real], atol=1e-5, rtol=0), (got[real] - whole[real]).abs().max()
+
+
+@pytest.mark.parametrize("name,model", MODELS, ids=[n for n, _ in MODELS])
+def test_u_shaped_lora_gradients_match_unsplit(name, model):
+    """Gradients through both cuts of the U (h_K up, h_(L-T) down, their gradients back) equal the
+    unsplit model's, for the client's bottom and tail LoRA and the server's."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from splitlora.models.split import Split, tail_forward
+
+    torch.manual_seed(0)
+    split = Split(1, 2)
+    cfg = RunConfig(model="x", cut_layer=1, split_shape="u-shape", tail_layers=2,
+                    client_lora=_cfg(model, 1).client_lora, server_lora=_cfg(model, 1).server_lora)
+    whole = add_lora(make_part(model, "whole", split), whole_lora_config(model, cfg))
+    state = {k: torch.randn_like(v) * 0.1 for k, v in lora_state(whole).items()}
+    load_lora_state(whole, state)
+    lora = side_lora_config(cfg.client_lora, architecture_of(model))
+    client = add_lora(make_part(model, "client", split), lora)
+    server = add_lora(make_part(model, "server", split), lora)
+    load_lora_state(client, state)
+    load_lora_state(server, state)
+    assert sorted(int(i) for i in client.get_submodule(architecture_of(model).layers).keys()) == [0, 2, 3]
+    assert sorted(int(i) for i in server.get_submodule(architecture_of(model).layers).keys()) == [1]
+
+    ids, mask, labels = _padded_batch(1)
+    whole.train()
+    whole(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+    h = client_forward(client, ids, mask, cut=1)  # client: bottom
+    up = h.detach().requires_grad_(True)
+    mid = server_forward(server, up, mask)  # server: middle
+    down = mid.detach().requires_grad_(True)
+    logits = tail_forward(client, down, mask, 2)  # client: tail, head, loss
+    ForCausalLMLoss(logits, labels, model.config.vocab_size).backward()
+    mid.backward(down.grad)  # dL/dh_(L-T) up, server backward
+    h.backward(up.grad)  # dL/dh_K down, client backward
+
+    ref = {n: p.grad for n, p in whole.named_parameters() if p.requires_grad}
+    got = {n: p.grad for part in (client, server) for n, p in part.named_parameters() if p.requires_grad}
+    assert set(got) == set(ref)
+    for n in ref:
+        assert ref[n] is not None and ref[n].abs().sum() > 0
+        assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=0), (n, (got[n] - ref[n]).abs().max())
+
+
+@pytest.mark.parametrize("name,model", MODELS, ids=[n for n, _ in MODELS])
+def test_u_shaped_server_holds_no_head_no_embedding(name, model):
+    """The U-shaped server part holds only its middle blocks: no embedding (tied or not), no norm, no head."""
+    from splitlora.models.split import Split
+
+    split = Split(1, 1)
+    arch = architecture_of(model)
+    server = make_part(model, "server", split)
+    client = make_part(model, "client", split)
+    server_params = {id(p) for p in server.parameters()}
+    for path in (arch.embed, arch.norm, arch.head):
+        assert not {id(p) for p in model.get_submodule(path).parameters()} & server_params, path
+        assert {id(p) for p in model.get_submodule(path).parameters()} <= {id(p) for p in client.parameters()}, path

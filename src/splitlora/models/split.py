@@ -211,6 +211,8 @@ def client_forward(part: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """Embeddings and blocks 0..K-1 (``cut`` = K; needed when the part also holds a tail): the
     activations ("smashed data") sent to the server."""
     arch = architecture_of(part)
+    if cut is None and not isinstance(_get(part, arch.head), OtherSide):
+        raise ValueError("this part also holds the tail (U-shape, or the whole model): pass cut")
     hidden = _get(part, arch.embed)(input_ids)
     if arch.positions:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)

@@ -1,0 +1,81 @@
+"""What clipping and noise buy: (epsilon, delta) from a maintained accountant (Google's dp-accounting).
+
+The mechanism (:class:`~splitlora.privacy.defences.Protector`): every token's vector of every tensor a
+client sends is clipped to L2 norm ``C`` and gets ``N(0, (sigma C)^2)`` noise per coordinate.
+
+* **Per token, per release.** Replacing one token's vector by any other of norm at most ``C``
+  changes the release by at most ``2C`` in L2, so one release is a Gaussian mechanism with noise
+  multiplier ``sigma / 2`` (replace-one adjacency; the add/remove convention would give ``sigma``).
+* **Per example, per release.** An example is ``T`` positions (``max_length`` at most): replacing the
+  whole sequence moves the release by at most ``2 C sqrt(T)``: multiplier ``sigma / (2 sqrt(T))``.
+* **Composed over the run.** An example is released once per epoch of its client's data, and each
+  release is one tensor (two-part: h_K) or two (U-shape: h_K and dL/dh_(L-T)); the releases compose
+  (PLD accounting, no amplification by subsampling claimed: batches are shuffled, not Poisson-sampled).
+
+What this does **not** cover (docs/privacy.md): labels in the two-part split (sent in the clear),
+the attention mask (lengths), the LoRA updates the aggregator sees, and the server's own gradients
+sent back (they are not the client's release).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..config import RunConfig
+
+
+@dataclass
+class Guarantee:
+    sigma: float
+    clip_norm: float
+    delta: float
+    releases: int  # releases of one example over the run (worst client)
+    positions: int  # T of the per-example bound
+    epsilon_token_release: float
+    epsilon_token_run: float
+    epsilon_example_release: float
+    epsilon_example_run: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def epsilon(noise_multiplier: float, count: int, delta: float) -> float:
+    """epsilon of ``count`` compositions of a Gaussian mechanism with ``noise_multiplier`` (PLD)."""
+    if noise_multiplier <= 0:
+        return math.inf
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.pld import PLDAccountant
+
+    accountant = PLDAccountant()
+    accountant.compose(GaussianDpEvent(noise_multiplier), max(int(count), 1))
+    return float(accountant.get_epsilon(delta))
+
+
+def releases_per_example(cfg: RunConfig, client_sizes: list[int]) -> int:
+    """How often the worst-placed example is released over the run (epochs of its client x tensors)."""
+    per_step = 2 if cfg.u_shape else 1
+    worst = 0
+    for index, n in enumerate(client_sizes):
+        if cfg.algorithm == "sl":
+            every, clients = cfg.aggregate_every, cfg.clients
+            turns = cfg.steps // every
+            batches = (turns // clients + (1 if index < turns % clients else 0)) * every
+            batches += cfg.steps % every if turns % clients == index else 0
+        else:
+            batches = cfg.steps
+        worst = max(worst, math.ceil(batches * cfg.batch_size / max(n, 1)))
+    return worst * per_step
+
+
+def guarantee(cfg: RunConfig, client_sizes: list[int]) -> Guarantee | None:
+    """The run's guarantee, or None when it adds no noise."""
+    p = cfg.privacy
+    if not (p.clip_norm and p.noise_multiplier):
+        return None
+    releases = releases_per_example(cfg, client_sizes)
+    token, example = p.noise_multiplier / 2, p.noise_multiplier / (2 * math.sqrt(cfg.max_length))
+    return Guarantee(p.noise_multiplier, p.clip_norm, p.delta, releases, cfg.max_length,
+                     epsilon(token, 1, p.delta), epsilon(token, releases, p.delta),
+                     epsilon(example, 1, p.delta), epsilon(example, releases, p.delta))
