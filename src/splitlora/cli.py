@@ -1,4 +1,4 @@
-"""Command line: ``splitlora train | eval | score | serve | client | bench``.
+"""Command line: ``splitlora train | eval | score | serve | client | audit | bench``.
 
 Bad input is a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
 """
@@ -61,11 +61,42 @@ def resolve_config(args: argparse.Namespace):
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and the Ray flags, from :class:`~splitlora.config.RayOptions`."""
+    import dataclasses
+    import typing
+
+    from .config import RayOptions
+
+    hints = typing.get_type_hints(RayOptions)
+    for f in dataclasses.fields(RayOptions):
+        if f.metadata.get("flag"):
+            typ = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+            p.add_argument(f.metadata["flag"], dest=f"ray_{f.name}", type=typ, default=f.default,
+                           help=f"{f.metadata['help']} (default {f.default})")
+
+
+def backend_options(args: argparse.Namespace, cfg):
+    """The :class:`~splitlora.config.RayOptions` of ``args``, validated (Ray importable when asked for)."""
+    import dataclasses
+
+    from .config import RayOptions
+
+    opts = RayOptions(**{f.name: getattr(args, f"ray_{f.name}") for f in dataclasses.fields(RayOptions)
+                         if f.metadata.get("flag")}).validate(cfg)
+    if opts.ray:
+        from .transport.ray_backend import import_ray
+
+        import_ray()
+    return opts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = resolve_config(args)
-    result = train(cfg, args.out, progress=not args.quiet)
+    opts = backend_options(args, cfg)
+    result = train(cfg, args.out, progress=not args.quiet, backend=opts)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"{cfg.algorithm}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val loss {val}, "
           f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9):.0f} tok/s), "
@@ -84,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
-    p = sub.add_parser("train", help="train with one of the four algorithms (in one process)")
+    p = sub.add_parser("train", help="train with one of the four algorithms (in one process, or on a Ray cluster)")
     _add_config_flags(p)
+    _add_backend_flags(p)
     p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--eval", action="store_true", help="run `splitlora eval` on the result")
@@ -105,7 +137,7 @@ _EXTRA_COMMANDS: list[Callable] = []
 def _register_optional() -> None:
     import importlib
 
-    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.bench_cli"):
+    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.privacy.cli", "splitlora.bench_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -2,7 +2,8 @@
 
 One dataclass per concept (as in PEFT): :class:`LoraSide` for an adapter, :class:`Privacy` for what
 protects what leaves a client, :class:`Aggregation` for the robust FedAvg, :class:`RunConfig` for a
-run, and :class:`ServeOptions` / :class:`ClientOptions` for the two deployment commands. Every field
+run, :class:`ServeOptions` / :class:`ClientOptions` for the two deployment commands and
+:class:`RayOptions` for ``splitlora train --backend ray``. Every field
 carries its help text in ``metadata["help"]`` (and, where it has one, its ``--flag``): the command
 line, ``--help`` and the docs read them from here.
 
@@ -29,6 +30,9 @@ from .messages import WIRE_DTYPES
 SERVER_MODES = ("sequential", "batched")
 SPLIT_SHAPES = ("two-part", "u-shape")
 OUTLIER_ACTIONS = ("reject", "clip")
+BACKENDS = ("inprocess", "ray")
+# accelerate's named strategies for a device map (``server_device_map``)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # Client names: what a token file line and --client-id accept.
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -165,6 +169,11 @@ class RunConfig:
     aggregation: Aggregation = option(help="robust aggregation and value bounds", factory=Aggregation)
     seed: int = option(0, "seed of everything random (data order, LoRA init, dropout, noise)", flag="--seed")
     device: str = option("cpu", "cpu, cuda, cuda:N or auto", flag="--device")
+    server_device_map: str | None = option(
+        None, "place the server's blocks across devices with accelerate: auto, balanced, balanced_low_0 or "
+              "sequential (accelerate's strategies over the visible GPUs), or MODULE=DEVICE,... pairs "
+              "(e.g. transformer.h.2=cuda:0,transformer.h.3=cuda:1,...); null: all on `device`",
+        flag="--server-device-map")
     log_every: int = option(1, "write a metrics row every N steps")
     eval_every: int = option(0, "validation loss every N steps (0: only at the end)", flag="--eval-every")
     save_every: int = option(0, "also save the adapter every N steps to DIR/adapters/step-N (0: only at the end)")
@@ -201,6 +210,8 @@ class RunConfig:
         parse_partition(self.partition)
         if "{mr}" not in self.prompt_template:
             raise UserError("prompt_template must contain {mr}")
+        if self.server_device_map is not None:
+            parse_device_map(self.server_device_map)
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
         self.privacy.validate()
@@ -316,6 +327,91 @@ class ClientOptions:
     progress: bool = option(True, "show a progress bar")
     device: str | None = option(None, "cpu, cuda, cuda:N or auto (default: the run's device if this machine "
                                       "has it, else cpu)", flag="--device")
+
+
+@dataclass
+class RayOptions:
+    """``splitlora train --backend ray``: the Ray cluster, and what each party reserves on it.
+
+    Clients are long-lived Ray actors (several may share one actor and one copy of the base weights);
+    the server (the algorithm, the loop, the outputs) is one more actor. Ray is for one trusted
+    cluster: it pickles what it moves. Across organisations use ``serve``/``client`` (gRPC).
+    """
+
+    backend: str = option("inprocess", "inprocess (every party in this process; the default) or ray (clients "
+                                       "as Ray actors, the server as one more; pip install 'splitlora[ray]')",
+                          flag="--backend")
+    address: str | None = option(None, "with --backend ray: the cluster to join, auto (the one `ray start` runs on "
+                                       "this machine) or HOST:PORT (its head); default: start a local one",
+                                 flag="--ray-address")
+    actors: int = option(0, "with --backend ray: client actors; the clients are spread over them in index order, "
+                            "those of one actor sharing one copy of the base weights (0: one per client)",
+                         flag="--ray-actors")
+    client_cpus: float = option(1.0, "with --backend ray: CPUs each client actor reserves", flag="--client-cpus")
+    client_gpus: float = option(0.0, "with --backend ray: GPUs each client actor reserves (fractions share one)",
+                                flag="--client-gpus")
+    server_cpus: float = option(1.0, "with --backend ray: CPUs the server actor reserves", flag="--server-cpus")
+    server_gpus: float = option(0.0, "with --backend ray: GPUs the server actor reserves (with "
+                                     "--server-device-map its blocks may span them)", flag="--server-gpus")
+    timeout: float = option(600.0, "with --backend ray: seconds a client actor may take for one command before "
+                                   "its clients are dropped", flag="--ray-timeout")
+    num_cpus: int | None = option(None, "CPUs of the local cluster started when there is no --ray-address "
+                                        "(default: Ray's, all of this machine's)")
+
+    @property
+    def ray(self) -> bool:
+        return self.backend == "ray"
+
+    def validate(self, cfg: RunConfig) -> "RayOptions":
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if not self.ray:
+            default = RayOptions()
+            changed = [f.metadata["flag"] for f in fields(self)
+                       if f.name != "backend" and f.metadata.get("flag") and getattr(self, f.name) != getattr(default, f.name)]
+            if changed:
+                raise UserError(f"{changed[0]} needs --backend ray")
+            return self
+        n = 1 if cfg.algorithm == "cen" else cfg.clients
+        if not 0 <= self.actors <= n:
+            raise UserError(f"--ray-actors must be between 0 (one per client) and {n} (got {self.actors})")
+        for name in ("client_cpus", "client_gpus", "server_cpus", "server_gpus"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.timeout <= 0:
+            raise UserError(f"--ray-timeout must be > 0 (got {self.timeout})")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise UserError(f"num_cpus must be >= 1 (got {self.num_cpus})")
+        if cfg.device.startswith("cuda"):
+            for side in ("client", "server"):
+                if getattr(self, f"{side}_gpus") == 0:
+                    raise UserError(f"--device {cfg.device} with --backend ray needs --{side}-gpus > 0 (Ray hides the "
+                                    f"GPUs from an actor that reserves none; --device auto uses a GPU where one is "
+                                    f"reserved)")
+        return self
+
+    def clients_per_actor(self, n: int) -> list[list[int]]:
+        """Client indices of each actor: ``n`` clients over ``actors`` actors, in index order."""
+        k = self.actors or n
+        return [list(range(n))[a * n // k:(a + 1) * n // k] for a in range(k)]
+
+
+def parse_device_map(spec: str) -> str | dict[str, str]:
+    """A named accelerate strategy, or ``MODULE=DEVICE,...`` as ``{module: device}``."""
+    spec = spec.strip()
+    if spec in DEVICE_MAP_STRATEGIES:
+        return spec
+    out = {}
+    for item in (i.strip() for i in spec.split(",")):
+        module, sep, device = item.partition("=")
+        if not sep or not module.strip() or not device.strip():
+            raise UserError(f"server_device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or MODULE=DEVICE,... "
+                            f"pairs (got {spec!r:.80})")
+        device = device.strip()
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|\d+", device):
+            raise UserError(f"server_device_map: device must be cpu, cuda, cuda:N or N (got {device!r} for {module!r})")
+        out[module.strip()] = int(device) if device.isdigit() else device
+    return out
 
 
 def check_client_name(name: str, where: str) -> str:

@@ -3,7 +3,8 @@
 :func:`run_loop` is the one loop: it drives any algorithm over any grid (in process, gRPC, Ray),
 writes one metrics row per step (:func:`step_row`), and, when given a checkpointer, checkpoints at
 the points where server and clients agree. :func:`train` builds the simulation (every party in this
-process, sharing one model) and runs it.
+process, sharing one model) and runs it with :func:`run_training`; with ``backend`` ray the same
+:func:`run_training` runs in the server's Ray actor over a :class:`~splitlora.transport.ray_grid.RayGrid`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from .algorithms import ALGORITHMS, Algorithm
-from .config import RunConfig
+from .config import RayOptions, RunConfig
 from .data import prepare_data
 from .device import resolve_device, setup_torch
 from .eval.loss import mean_loss
@@ -171,13 +172,14 @@ def run_loop(cfg: RunConfig, algo: Algorithm, metrics: MetricsLog, *, totals: To
 
 # ---- the simulation ---------------------------------------------------------------------------------
 
-def client_apps(cfg: RunConfig, source: ModelSource, data, device) -> list[ClientApp]:
-    """The simulated clients: one per partition (``cen``: one party on the pooled data)."""
+def client_apps(cfg: RunConfig, source: ModelSource, data, device, indices=None) -> list[ClientApp]:
+    """The simulated clients: one per partition (``cen``: one party on the pooled data); only those of
+    ``indices`` when given (a Ray actor builds its share of them)."""
     algo = ALGORITHMS[cfg.algorithm]
     whole = algo.whole_clients
     n = 1 if cfg.algorithm == "cen" else cfg.clients
     apps = []
-    for i in range(n):
+    for i in (range(n) if indices is None else indices):
         items = data.train if cfg.algorithm == "cen" else data.client_items(i)
         part = source.lora_part("whole" if whole else "client", device=device)
         apps.append(ClientApp(str(i), i, part, items, cfg, whole, source.pad_id, source.num_blocks))
@@ -194,18 +196,38 @@ def build_simulation(cfg: RunConfig, loaded: LoadedModel | None = None):
     return source, data, grid, algo
 
 
-def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: LoadedModel | None = None) -> RunResult:
-    """Run ``cfg`` and write ``config.yaml``, ``metrics.jsonl``/``.csv`` and ``adapter/`` to ``out_dir``."""
+def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: LoadedModel | None = None,
+          backend: "RayOptions | None" = None) -> RunResult:
+    """Run ``cfg`` and write ``config.yaml``, ``metrics.jsonl``/``.csv`` and ``adapter/`` to ``out_dir``.
+
+    ``backend``: :class:`~splitlora.config.RayOptions`; with ``backend="ray"`` the clients are Ray
+    actors and the server one more (:mod:`splitlora.transport.ray_backend`; ``loaded`` is not used,
+    each actor loads ``cfg.model`` itself). Otherwise every party runs in this process.
+    """
+    if backend is not None and backend.ray:
+        from .transport.ray_backend import train_ray
+
+        return train_ray(cfg, out_dir, backend, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_torch(cfg.seed, cfg.threads)
     if not progress:
         transformers_logging.disable_progress_bar()
     source, data, grid, algo = build_simulation(cfg, loaded)
+    return run_training(cfg, out, source, data, algo, progress=progress)
+
+
+def run_training(cfg: RunConfig, out: Path, source: ModelSource, data, algo: Algorithm, *, progress: bool = True,
+                 metrics: MetricsLog | None = None, stop: Callable[[], str | None] | None = None) -> RunResult:
+    """Train ``algo`` (over whatever grid it was built with) and write ``out``'s files as ``train`` does.
+
+    ``source`` must hold the whole model (the validation loss is computed on it). ``stop()``: a reason to
+    stop at the next round boundary (:class:`Stopped` is raised once the adapter is saved).
+    """
     cfg.save(out / "config.yaml")
     validate = Validator(source.model, cfg, data.val, source.pad_id)
     whole_config = source.lora_config("whole")
-    metrics = MetricsLog(out)
+    metrics = metrics if metrics is not None else MetricsLog(out)
     adapter_dir = out / "adapter"
 
     def snapshot(step: int) -> None:
@@ -213,13 +235,17 @@ def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: Lo
 
     totals = Totals()
     try:
-        run_loop(cfg, algo, metrics, totals=totals, progress=progress, validate=validate, snapshot=snapshot)
+        run_loop(cfg, algo, metrics, totals=totals, progress=progress, validate=validate, snapshot=snapshot,
+                 stop=stop)
         state = algo.adapter_state()
         val = validate(state)
         metrics.write({"event": "validation", "step": totals.step, "val_loss": val})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as exc:
         # Keep what was trained: the adapter as of the last finished step.
-        metrics.write({"event": "interrupted", "step": totals.step})
+        event = {"event": "interrupted", "step": totals.step}
+        if isinstance(exc, Stopped):
+            event["reason"] = str(exc)
+        metrics.write(event)
         save_adapter(algo.adapter_state(), whole_config, source.base_path, adapter_dir)
         raise
     finally:

@@ -53,10 +53,16 @@ class ModelSource:
     def lora_part(self, side: str, state: dict[str, torch.Tensor] | None = None,
                   device: torch.device | str = "cpu") -> nn.Module:
         """``part(side)`` with that side's LoRA, loaded from ``state`` (default: the initial adapter;
-        ``{}``: PEFT's own init, for a party whose state will come over the network)."""
+        ``{}``: PEFT's own init, for a party whose state will come over the network). The server's
+        part goes where ``cfg.server_device_map`` says, when it says (see :mod:`.placement`)."""
         part = self.part(side)
         add_lora(part, self.lora_config(side))
-        part.to(device)
+        if side == "server" and self.cfg.server_device_map:
+            from .placement import place
+
+            place(part, self.cfg.server_device_map)  # its blocks across devices (accelerate)
+        else:
+            part.to(device)
         state = self.initial_state() if state is None else state
         if state:
             load_lora_state(part, state)
