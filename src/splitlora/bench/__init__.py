@@ -10,6 +10,7 @@ Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME*.png``; 
 ``wire``      bytes per step at fp32/bf16/fp16; loopback gRPC deployment vs in-process throughput
 ``ttq``       validation loss vs simulated wall time (latency model) for cen, fed, sl, splitlora
 ``quality``   the paper's E2E table on real data: train all four, decode the 630 test MRs, score them
+``ray``       the Ray backend: throughput and cost per step vs in process for 1..8 client actors, memory per actor
 =========== ===================================================================================
 
 ``all`` runs the timing suite (the first five); ``quality`` is a long real-data run of its own
@@ -28,7 +29,7 @@ from ..errors import UserError
 from .common import BenchResult, Options, check_device, log, machine_info, sets_for, write_result
 
 BENCHMARKS = ("overhead", "scale", "memory", "wire", "ttq")  # what ``all`` runs
-EXTRA = ("quality",)  # run only by name
+EXTRA = ("quality", "ray")  # run only by name
 NAMES = (*BENCHMARKS, *EXTRA, "all")
 
 

@@ -169,11 +169,11 @@ class RayGrid:
     def _wait(self, client: ClientInfo, before: list, ref, what: str):
         """``ref``'s value once ``before`` (sends issued earlier) succeeded; None when the client is lost."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
         try:
             values = ray.get([*before, ref], timeout=self.timeout)
-        except RayActorError as exc:
+        except (RayActorError, OutOfMemoryError, WorkerCrashedError) as exc:  # the actor process is gone
             host = _actor_id(self.hosts[client.name])
             reason = f"its Ray actor died ({_first_line(exc)})"
             for c in self.clients:  # every client of that actor is gone with it
