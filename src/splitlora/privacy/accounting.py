@@ -10,7 +10,9 @@ client sends is clipped to L2 norm ``C`` and gets ``N(0, (sigma C)^2)`` noise pe
   whole sequence moves the release by at most ``2 C sqrt(T)``: multiplier ``sigma / (2 sqrt(T))``.
 * **Composed over the run.** An example is released once per epoch of its client's data, and each
   release is one tensor (two-part: h_K) or two (U-shape: h_K and dL/dh_(L-T)); the releases compose
-  (PLD accounting, no amplification by subsampling claimed: batches are shuffled, not Poisson-sampled).
+  (Renyi-DP accounting, as Opacus does by default; no amplification by subsampling claimed: batches
+  are shuffled, not Poisson-sampled). RDP rather than PLD: PLD is tighter but its discretisation
+  needs gigabytes at the small noise multipliers per-example bounds give (sigma / (2 sqrt(T)))).
 
 What this does **not** cover (docs/privacy.md): labels in the two-part split (sent in the clear),
 the attention mask (lengths), the LoRA updates the aggregator sees, and the server's own gradients
@@ -42,13 +44,13 @@ class Guarantee:
 
 
 def epsilon(noise_multiplier: float, count: int, delta: float) -> float:
-    """epsilon of ``count`` compositions of a Gaussian mechanism with ``noise_multiplier`` (PLD)."""
+    """epsilon of ``count`` compositions of a Gaussian mechanism with ``noise_multiplier`` (RDP)."""
     if noise_multiplier <= 0:
         return math.inf
     from dp_accounting import GaussianDpEvent
-    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
 
-    accountant = PLDAccountant()
+    accountant = RdpAccountant()
     accountant.compose(GaussianDpEvent(noise_multiplier), max(int(count), 1))
     return float(accountant.get_epsilon(delta))
 
