@@ -197,8 +197,11 @@ def build_simulation(cfg: RunConfig, loaded: LoadedModel | None = None):
 
 
 def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: LoadedModel | None = None,
-          backend: "RayOptions | None" = None) -> RunResult:
+          backend: "RayOptions | None" = None, observers: list | None = None) -> RunResult:
     """Run ``cfg`` and write ``config.yaml``, ``metrics.jsonl``/``.csv`` and ``adapter/`` to ``out_dir``.
+
+    ``observers`` (in process): called as ``fn(direction, client, message, nbytes)`` for every message
+    that crosses the cut (the leakage audit records what the server receives this way).
 
     ``backend``: :class:`~splitlora.config.RayOptions`; with ``backend="ray"`` the clients are Ray
     actors and the server one more (:mod:`splitlora.transport.ray_backend`; ``loaded`` is not used,
@@ -214,6 +217,7 @@ def train(cfg: RunConfig, out_dir: str | Path, progress: bool = True, loaded: Lo
     if not progress:
         transformers_logging.disable_progress_bar()
     source, data, grid, algo = build_simulation(cfg, loaded)
+    grid.observers.extend(observers or [])
     return run_training(cfg, out, source, data, algo, progress=progress)
 
 

@@ -10,6 +10,7 @@ Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME*.png``; 
 ``wire``      bytes per step at fp32/bf16/fp16; loopback gRPC deployment vs in-process throughput
 ``ttq``       validation loss vs simulated wall time (latency model) for cen, fed, sl, splitlora
 ``quality``   the paper's E2E table on real data: train all four, decode the 630 test MRs, score them
+``privacy``   what the server reconstructs (tokens, labels) per split and defence, beside its utility
 ``ray``       the Ray backend: throughput and cost per step vs in process for 1..8 client actors, memory per actor
 =========== ===================================================================================
 
@@ -29,7 +30,7 @@ from ..errors import UserError
 from .common import BenchResult, Options, check_device, log, machine_info, sets_for, write_result
 
 BENCHMARKS = ("overhead", "scale", "memory", "wire", "ttq")  # what ``all`` runs
-EXTRA = ("quality", "ray")  # run only by name
+EXTRA = ("quality", "privacy", "ray")  # run only by name
 NAMES = (*BENCHMARKS, *EXTRA, "all")
 
 

@@ -197,7 +197,8 @@ def run_blocks(part: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tens
     if arch.rotary:
         extra["position_embeddings"] = _get(part, arch.rotary)(hidden, position_ids=position_ids)
     blocks = _get(part, arch.layers)
-    for name, block in blocks.items():
+    named = blocks.items() if isinstance(blocks, nn.ModuleDict) else enumerate(blocks)  # a part, or the whole
+    for name, block in named:
         if int(name) < start or (stop is not None and int(name) >= stop):
             continue
         out = block(hidden, attention_mask=masks[_layer_kind(config, int(name))], position_ids=position_ids,
