@@ -104,3 +104,25 @@ class PartyRng:
             self.cuda_state = state["cuda"].clone()
             if self._active:
                 torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def return_freed_memory() -> bool:
+    """Have glibc give freed blocks above 128 KiB back to the system at once (Linux only).
+
+    By default glibc raises its mmap threshold as large blocks are freed, so a forward/backward's
+    transient tensors end up in a heap that is never trimmed: on a GPT-2-medium client at cut 2 that
+    kept ~170 MiB resident for nothing (peak 1,105 MiB instead of 945). A data owner's device is the
+    party short of memory, so ``splitlora client`` turns this on. Returns whether it could.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 128 << 10)) and bool(libc.mallopt(m_trim_threshold, 128 << 10))
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -5,6 +5,11 @@ fresh process (:mod:`splitlora.bench.memproc`) that reads only the weights it ho
 (embeddings + blocks 0..K-1 + client LoRA, trained against a fake upstream gradient), ``server``
 (blocks K..L-1, norm, head + server LoRA, fed random activations) and ``cen`` (the whole model, the
 engine's cen algorithm). Same batch, data and LoRA settings for all.
+
+The deployed client: the real ``splitlora client`` process of a loopback deployment (one client,
+``deployed_model``, default a random GPT-2-medium-shaped model of 1.4 GB), whose peak resident set
+(``wait4``'s ``ru_maxrss``) is compared with what its share should cost: the import baseline plus its
+part, LoRA, optimiser state and activations, as the ``client`` probe counts them.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ class Settings:
     target_cut: int = 2
     target_fraction: float = 0.40
     parallel_probes: int = 1  # probes at a time (memory is per process; >1 only shortens smoke runs)
+    deployed_model: str = "gpt2-medium"  # "" = no deployed-client row
+    deployed_steps: int = 3
+    target_deployed: float = 1.15  # deployed client peak RSS / (baseline + its tensors)
 
     @classmethod
     def quick(cls) -> "Settings":
         return cls(model="tiny-gpt2", cuts=[2], server_cuts=[], batch_size=2, max_length=64, steps=1,
-                   parallel_probes=2)
+                   parallel_probes=2, deployed_model="tiny-gpt2", deployed_steps=2)
 
 
 def run(opts: Options) -> BenchResult:
@@ -85,7 +93,65 @@ def run(opts: Options) -> BenchResult:
         "smollm2-135m that is 49152 x 576 fp32 = 108 MiB of the client's weights at any cut.",
     ]
     result.plots.append(_plot(rows, key, label, s, opts))
+    if s.deployed_model:
+        row = _deployed(s, opts)
+        result.tables.append(Table(f"The deployed client process ({s.deployed_model}, cut {s.target_cut})", [
+            ("model", "model", ""), ("cut", "cut", "d"), ("peak_rss_mib", "client process peak RSS MiB", ",.0f"),
+            ("baseline_rss_mib", "import baseline MiB", ",.0f"), ("tensors_mib", "its tensors MiB", ",.0f"),
+            ("expected_mib", "baseline + tensors MiB", ",.0f"), ("ratio", "ratio", ".3f"),
+            ("whole_weights_mib", "whole model weights MiB", ",.0f"), ("command", "command", "code")], [row]))
+        result.targets.append(Target(f"deployed client peak RSS / (baseline + its tensors), {s.deployed_model}",
+                                     row["ratio"], s.target_deployed, "<="))
+        result.notes.append(
+            "deployed client: `splitlora serve` + one `splitlora client` on 127.0.0.1 for "
+            f"{s.deployed_steps} steps; the client's peak RSS is its ru_maxrss (os.wait4); its expected cost is "
+            "the client probe's baseline (imports incl. grpc, tokenizer, data) plus its tensors (part, LoRA, AdamW "
+            "state, peak saved activations). The client reads only its own tensors from the safetensors file.")
     return result
+
+
+def _deployed(s: Settings, opts: Options) -> dict:
+    import csv
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ..config import RunConfig
+    from ..data.e2e import synthetic_e2e
+    from ..models.lean import lean_skeleton
+    from ..transport.loopback import Loopback
+
+    probe = probe_all([ProbeSpec(role="client", model=s.deployed_model, cut=s.target_cut, batch_size=s.batch_size,
+                                 max_length=s.max_length, warmup=s.warmup_steps, steps=s.steps,
+                                 threads=opts.threads, device=opts.device)])[0]
+    meta, _, _ = lean_skeleton(s.deployed_model)
+    whole = sum(p.numel() * p.element_size() for p in meta.parameters()) / 2**20
+    cfg = RunConfig(model=s.deployed_model, clients=1, cut_layer=s.target_cut, batch_size=s.batch_size,
+                    max_length=s.max_length, steps=s.deployed_steps, aggregate_every=s.deployed_steps,
+                    threads=opts.threads, device=opts.device).validate()
+    with tempfile.TemporaryDirectory(prefix="splitlora-memory-") as tmp:
+        data = Path(tmp) / "client.csv"
+        with data.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["mr", "ref"])
+            w.writerows([ex.mr, ex.ref] for ex in synthetic_e2e(400, seed=0))
+        with Loopback(cfg, [data], Path(tmp) / "lb") as lb:
+            lb.start_server("--join-timeout", "600")
+            lb.start_client(0, endpoint=lb.endpoint(timeout=600))
+            proc = lb.clients[0]
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident set
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the client exited with {proc.returncode}: {lb.tail(lb.client_log(0))}")
+            lb.wait(lb.server, 600, "server")
+    peak = usage.ru_maxrss / 1024
+    expected = probe["baseline_rss_mib"] + probe["tensors_mib"]
+    if opts.progress:
+        log(f"[memory] deployed client {s.deployed_model}: peak RSS {peak:.0f} MiB, expected {expected:.0f} MiB")
+    return {"model": s.deployed_model, "cut": s.target_cut, "peak_rss_mib": peak,
+            "baseline_rss_mib": probe["baseline_rss_mib"], "tensors_mib": probe["tensors_mib"],
+            "expected_mib": expected, "ratio": peak / expected, "whole_weights_mib": whole,
+            "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": s.deployed_model})}
 
 
 def _plot(rows, key, label, s: Settings, opts: Options) -> str:

@@ -196,7 +196,10 @@ def run_probe(spec: ProbeSpec) -> dict:
         step = algo.step
         holders = [algo, list(grid.apps.values())]
     else:
-        # One side alone, read lean as `splitlora client` / `splitlora serve` read it.
+        # One side alone, read lean as `splitlora client` / `splitlora serve` read it (their imports too).
+        import splitlora.transport.remote_client  # noqa: F401
+        import splitlora.transport.serve  # noqa: F401
+
         source = LeanModel(spec.model, cfg)
         data = prepare_data(cfg, source.tokenizer)
         baseline = rss_mib()

@@ -104,8 +104,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    from ..device import return_freed_memory
     from .auth import read_client_token
     from .remote_client import run_client
+
+    return_freed_memory()  # the data owner's device is the one short of memory
 
     if not Path(args.data).exists():
         raise UserError(f"data file not found: {args.data}")
