@@ -72,17 +72,22 @@ def test_quick_numbers_are_sane(quick_out):
     assert client["weights_mib"] < cen["weights_mib"] and client["tensors_mib"] < cen["tensors_mib"]
 
     wire = json.loads((quick_out / "wire.json").read_text())
-    dtypes = {r["wire_dtype"]: r for r in wire["tables"][0]["rows"]}
-    assert all(r["formula_ok"] for r in dtypes.values())
-    assert dtypes["bf16"]["down_per_step"] * 2 == dtypes["fp32"]["down_per_step"]
-    transport = wire["tables"][1]["rows"][0]
-    assert transport["inprocess_tok_s"] > 0 and transport["loopback_tok_s"] > 0
+    rows_b = {(r["shape"], r["wire_dtype"]): r for r in wire["tables"][0]["rows"]}
+    assert all(r["formula_ok"] for r in rows_b.values())
+    for shape in ("two-part", "u-shape"):
+        assert rows_b[(shape, "bf16")]["down_per_step"] * 2 == rows_b[(shape, "fp32")]["down_per_step"]
+    # The U-shape sends two tensors down where the two-part split sends one (same batches).
+    assert rows_b[("u-shape", "fp32")]["down_per_step"] == 2 * rows_b[("two-part", "fp32")]["down_per_step"]
+    transport = {(r["algorithm"], r["shape"]): r for r in wire["tables"][1]["rows"]}
+    assert set(transport) == {("splitlora", "two-part"), ("splitlora", "u-shape")}
+    assert all(r["inprocess_tok_s"] > 0 and r["loopback_tok_s"] > 0 for r in transport.values())
 
     ttq = json.loads((quick_out / "ttq.json").read_text())
     rows = {r["algorithm"]: r for r in ttq["tables"][0]["rows"]}
-    assert set(rows) == {"cen", "fed", "sl", "splitlora"}
+    assert set(rows) == {"cen", "fed", "sl", "splitlora", "splitlora:u-shape"}
     assert all(r["samples"] == rows["cen"]["samples"] for r in rows.values())  # same sample budget
     assert rows["cen"]["up_kib_per_step"] == 0 and rows["splitlora"]["up_kib_per_step"] > 0
+    assert rows["splitlora:u-shape"]["down_kib_per_step"] > rows["splitlora"]["down_kib_per_step"]  # one more tensor
     assert rows["sl"]["steps"] == 2 * rows["splitlora"]["steps"]  # 2 clients take turns
     runs = ttq["extra"]["runs"]
     for algo, r in runs.items():

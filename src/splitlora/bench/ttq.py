@@ -30,7 +30,7 @@ from .harness import build, loaded_model
 from .latency import SCENARIOS, LatencyModel, StepTrace, time_to_target
 
 NAME = "ttq"
-ALGOS = ("cen", "fed", "sl", "splitlora")
+ALGOS = ("cen", "fed", "sl", "splitlora", "splitlora:u-shape")  # algorithm[:split shape]
 
 
 @dataclass
@@ -128,9 +128,10 @@ def _schedule(algo: str, s: Settings) -> tuple[int, int, int]:
     return steps, every, batch
 
 
-def train_one(algo: str, s: Settings, opts: Options, loaded, data_parts, evaluator, initial_loss) -> dict:
+def train_one(variant: str, s: Settings, opts: Options, loaded, data_parts, evaluator, initial_loss) -> dict:
+    algo, _, shape = variant.partition(":")
     steps, every, batch = _schedule(algo, s)
-    cfg = RunConfig(algorithm=algo, model=s.model, clients=s.clients, batch_size=batch, max_length=s.max_length,
+    cfg = RunConfig(algorithm=algo, split_shape=shape or "two-part", model=s.model, clients=s.clients, batch_size=batch, max_length=s.max_length,
                     cut_layer=s.cut_layer, steps=steps, lr=s.lr, warmup_steps=s.lr_warmup_steps,
                     aggregate_every=s.aggregate_every, threads=opts.threads, device=opts.device).validate()
     data = _prepared(cfg, *data_parts)
@@ -159,9 +160,9 @@ def train_one(algo: str, s: Settings, opts: Options, loaded, data_parts, evaluat
             val = evaluator(b.algo.adapter_state())
             evals.append({"step": t + 1, "samples": b.tokens.samples, "val_loss": val, "wall_s": wall})
             if opts.progress:
-                log(f"[ttq] {algo}: step {t + 1}/{steps}, {b.tokens.samples} samples, train loss {result.loss:.3f}, "
+                log(f"[ttq] {variant}: step {t + 1}/{steps}, {b.tokens.samples} samples, train loss {result.loss:.3f}, "
                     f"val loss {val:.3f} ({wall:.0f}s training so far)")
-    return {"algorithm": algo, "steps": steps, "batch_size": batch, "eval_every": every, "evals": evals,
+    return {"algorithm": variant, "steps": steps, "batch_size": batch, "eval_every": every, "evals": evals,
             "train_losses": losses, "traces": [tr.to_dict() for tr in traces], "wall_s": wall,
             "samples": b.tokens.samples, "tokens": b.tokens.input_tokens}
 
