@@ -1,22 +1,17 @@
-"""Centralised LoRA: one party, the pooled training data, the whole model (simulation only)."""
+"""Centralised LoRA: one party, the pooled training data, the whole model (simulation only).
+
+It is ``fed`` with a single party that never averages: the same state, schedule clock and learning
+rate, one local step per engine step."""
 
 from __future__ import annotations
 
 from ..messages import LocalStep
-from ..runtime.optim import LrClock
-from .base import Algorithm, StepResult
+from .base import StepResult
+from .fed import FedLoRA
 
 
-class CentralisedLoRA(Algorithm):
+class CentralisedLoRA(FedLoRA):
     name = "cen"
-    holds_server_part = False
-    whole_clients = True
-
-    def __init__(self, cfg, source, grid, device="cpu"):
-        super().__init__(cfg, source, grid, device)
-        self.global_state = dict(source.initial_state())
-        self.clock = LrClock(cfg, cfg.steps)
-        self.steps_done = 0
 
     def step(self, t: int) -> StepResult:
         (party,) = self._admit(t, boundary=t == 0)
@@ -24,9 +19,8 @@ class CentralisedLoRA(Algorithm):
         self.steps_done = t + 1
         return StepResult(done.loss, done.tokens, 1)
 
+    def finish(self, steps_done: int) -> list[dict]:
+        return []
+
     def adapter_state(self):
         return self.grid.peek(self.members[0])
-
-    @property
-    def lr(self) -> float:
-        return self.clock.after(self.steps_done)

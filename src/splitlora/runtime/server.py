@@ -152,33 +152,61 @@ class SplitServer:
         self._open = None
         refused = Refused()
         live = [(c, a, row) for c, a, row in kept if c in grads]
-        tokens = sum(grads[c].tokens for c, _, _ in live)
-        if not live or tokens == 0:
+        if not live or sum(grads[c].tokens for c, _, _ in live) == 0:
             if live:
                 refused.clients, refused.reason = [c for c, _, _ in live], "its batch carried no loss tokens"
             return {}, refused
-        step = live[0][1].step
         with self.rng.active(), self._observe("server_bwd", live):
-            upstream = torch.zeros_like(out)
-            share = {c: grads[c].tokens / tokens for c, _, _ in live}
-            for c, a, row in live:
-                b, t = a.hidden.shape[:2]
-                g = grads[c].grad.to(out.device, out.dtype)
-                upstream[row:row + b, :t] = g if share[c] == 1.0 else g * share[c]
-            out.backward(upstream)
-            if not self.optimizer.grads_ok():
+            while live:
+                tokens = sum(grads[c].tokens for c, _, _ in live)
+                if tokens == 0:  # what is left after the culprits carries no loss tokens
+                    refused.clients += [c for c, _, _ in live]
+                    break
+                share = {c: grads[c].tokens / tokens for c, _, _ in live}
+                # The graph is kept while more than one client is in the step: if the gradients are
+                # not finite (or too large), each client's part is tried alone to find whose it was,
+                # and the step is taken without it. Without this, one client's tail gradient got
+                # every client of a batched step dropped (issue 11).
+                out.backward(self._upstream(out, live, grads, share), retain_graph=len(live) > 1)
+                if self.optimizer.grads_ok():
+                    return self._tail_replies(hidden, live, grads, share), refused
+                bad = self._tail_culprits(out, live, grads) if len(live) > 1 else [live[0][0]]
                 self.optimizer.zero_grad()
-                refused.clients = [c for c, _, _ in live]
+                hidden.grad = None  # the tries above wrote into it too
+                refused.clients += bad
                 refused.reason = "the server's gradients were not finite"
-                return {}, refused
-            self.optimizer.step()
-            loss = sum(grads[c].loss * share[c] for c, _, _ in live)
-            replies = {}
-            for c, a, row in live:
-                b, t = a.hidden.shape[:2]
-                replies[c] = Backward(step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(), loss,
-                                      grads[c].tokens, scale=share[c])
-        return replies, refused
+                live = [x for x in live if x[0] not in bad]
+        return {}, refused
+
+    @staticmethod
+    def _upstream(out, live, grads, share) -> torch.Tensor:
+        upstream = torch.zeros_like(out)
+        for c, a, row in live:
+            b, t = a.hidden.shape[:2]
+            g = grads[c].grad.to(out.device, out.dtype)
+            upstream[row:row + b, :t] = g if share[c] == 1.0 else g * share[c]
+        return upstream
+
+    def _tail_culprits(self, out, live, grads) -> list:
+        """The clients whose tail gradient alone makes the server's gradients unusable (no step)."""
+        bad = []
+        for c, a, row in live:
+            self.optimizer.zero_grad()
+            out.backward(self._upstream(out, [(c, a, row)], grads, {c: 1.0}), retain_graph=True)
+            if not self.optimizer.grads_ok():
+                bad.append(c)
+        return bad or [c for c, _, _ in live]
+
+    def _tail_replies(self, hidden, live, grads, share) -> dict:
+        self.optimizer.step()
+        step = live[0][1].step
+        loss = sum(grads[c].loss * share[c] for c, _, _ in live)
+        replies = {}
+        for c, a, row in live:
+            b, t = a.hidden.shape[:2]
+            replies[c] = Backward(step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(), loss,
+                                  grads[c].tokens, scale=share[c])
+        return replies
 
 
 def _pad(t: torch.Tensor, width: int, value) -> torch.Tensor:

@@ -64,6 +64,10 @@ class _Rejoin(Exception):
     """The server dropped this client or forgot it: say Hello again."""
 
 
+class _Busy(Exception):
+    """The server refused a call unread because it has too many open: the same call again later."""
+
+
 class _Unreachable(Exception):
     """The server is not there (yet, or any more)."""
 
@@ -220,6 +224,24 @@ class RemoteClient:
         return self._call("Hello", msg, pb.HelloReply, HELLO_REPLY_LIMIT, timeout=60)
 
     def _call(self, method: str, msg, reply_cls, limit: int, timeout: float):
+        """One call; refused as busy (RESOURCE_EXHAUSTED), the same call again shortly.
+
+        The server refuses a call with RESOURCE_EXHAUSTED before it reads it (gRPC's limit of
+        concurrent calls, or this client's calls still open), so sending it again is safe. Saying
+        Hello again instead, as this client did, cost it its step, and another client's flood of
+        calls could get it dropped over and over (issue 11)."""
+        deadline = time.monotonic() + self.opts.reconnect_timeout
+        pause = 0.05
+        while True:
+            try:
+                return self._call_once(method, msg, reply_cls, limit, timeout)
+            except _Busy as exc:
+                if time.monotonic() + pause > deadline:
+                    raise _Rejoin(str(exc)) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
+
+    def _call_once(self, method: str, msg, reply_cls, limit: int, timeout: float):
         try:
             responses = getattr(self.stub, method)(to_chunks(msg), metadata=self.metadata, timeout=timeout)
             reply, _ = from_chunks(responses, reply_cls, limit, what=reply_cls.__name__)
@@ -232,7 +254,9 @@ class RemoteClient:
                 raise UserError(f"TLS with {self.opts.server} failed: {details.splitlines()[0][:300]}") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise _Unreachable(f"{code.name}: {details[:200]}") from None
-            if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _Busy(details[:300]) from None
+            if code == grpc.StatusCode.ABORTED:
                 raise _Rejoin(details[:300]) from None
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise UserError(f"server {self.opts.server} refused client {self.name}: {details}") from None

@@ -233,8 +233,15 @@ def serve(cfg: RunConfig, opts: ServeOptions, out_dir: str | Path, on_ready=None
         if restore is not None:
             restore()
         try:
-            if not hard_stop and failure is None:
-                save_adapter(algo.adapter_state(), whole_config, source.base_path, out / "adapter")
+            # Also after a failed checkpoint: the adapter is the finished work (the state is at a
+            # consistent point, as after Ctrl-C), and it may fit where the checkpoint did not. It was
+            # not saved before, so a run whose final checkpoint failed lost its adapter (issue 11).
+            if not hard_stop:
+                try:
+                    save_adapter(algo.adapter_state(), whole_config, source.base_path, out / "adapter")
+                except OSError as exc:  # disk full: a one-line error, not a traceback
+                    failure = (f"{failure}; " if failure else "") + f"cannot save the adapter ({exc.strerror or exc})"
+                    log.error("cannot save the adapter: %s", exc.strerror or exc)
         finally:
             grid.close(finished, reason or failure or "")
             server.stop(grace=2).wait(5)
@@ -244,6 +251,8 @@ def serve(cfg: RunConfig, opts: ServeOptions, out_dir: str | Path, on_ready=None
                        totals.traffic.wire_up, totals.traffic.wire_down)
     result.port = port
     if failure is not None:
+        if finished and "adapter" not in failure:
+            raise UserError(f"the run finished and its adapter is in {out / 'adapter'}, but {failure}")
         raise UserError(f"serve stopped at step {totals.step}: {failure}")
     if not finished:
         if grid.stop_reason == "interrupted":

@@ -24,6 +24,7 @@ from .wire import GRPC_FRAME_LIMIT, WireError, bytes_to_chunks, from_chunks, sta
 log = logging.getLogger("splitlora.transport.server")
 
 HELLO_LIMIT = 64 << 10
+SERVICE = pb.DESCRIPTOR.services_by_name["SplitLoRA"].full_name  # splitlora.v2.SplitLoRA
 _OVERHEAD = 256 << 10  # protobuf framing and tensor names on top of the tensor bytes
 
 
@@ -50,8 +51,26 @@ class Servicer(pb_grpc.SplitLoRAServicer):
         if data is not None:
             yield from bytes_to_chunks(data)
 
-    def Leave(self, request, context):
-        self.grid.leave(caller(context), request)
+    def Leave(self, request_iterator, context):
+        # Registered as stream-unary (see _handlers), though clients call it unary (the same bytes on
+        # the wire): gRPC reads a unary request in a worker thread before the handler (or the token
+        # check's refusal) runs, with no deadline, so a few half-sent Leave calls, even with a wrong
+        # token, held every worker and froze the server (issue 11). Here the one ``Done`` is read
+        # with ``read_timeout``, within the client's call slots.
+        name = caller(context)
+        with self._slot(name, context):
+            timer = threading.Timer(self.opts.read_timeout, context.cancel)
+            timer.daemon = True
+            timer.start()
+            try:
+                request = next(request_iterator, None)
+            except grpc.RpcError:  # cancelled: too slow, or the client went away
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "message not received in time")
+            finally:
+                timer.cancel()
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Leave: empty stream")
+            self.grid.leave(name, request)
         return pb.Ack()
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -103,6 +122,17 @@ def grpc_options(frame_limit: int = GRPC_FRAME_LIMIT) -> list[tuple[str, int]]:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
 
 
+def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
+    """The service's methods; as ``splitlora_pb2_grpc`` registers them, except Leave (see Servicer.Leave)."""
+    chunks = dict(request_deserializer=pb.Chunk.FromString, response_serializer=pb.Chunk.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Hello": grpc.stream_stream_rpc_method_handler(servicer.Hello, **chunks),
+        "Exchange": grpc.stream_stream_rpc_method_handler(servicer.Exchange, **chunks),
+        "Leave": grpc.stream_unary_rpc_method_handler(servicer.Leave, request_deserializer=pb.Done.FromString,
+                                                      response_serializer=pb.Ack.SerializeToString),
+    })
+
+
 def start_grpc(grid: GrpcGrid, opts: ServeOptions) -> tuple[grpc.Server, int]:
     """Listen on ``opts.listen``. Refuses a port another process holds (no SO_REUSEPORT)."""
     workers = opts.calls_per_client * len(opts.tokens) + 8
@@ -114,7 +144,7 @@ def start_grpc(grid: GrpcGrid, opts: ServeOptions) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitlora-rpc"),
                          options=[*grpc_options(), ("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=2 * workers,
                          interceptors=[TokenInterceptor(opts.tokens, refused_call)])
-    pb_grpc.add_SplitLoRAServicer_to_server(Servicer(grid, opts), server)
+    server.add_generic_rpc_handlers((_handlers(Servicer(grid, opts)),))
     try:
         if opts.tls_cert is not None:
             port = server.add_secure_port(opts.listen, grpc.ssl_server_credentials([(opts.tls_key, opts.tls_cert)]))

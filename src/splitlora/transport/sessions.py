@@ -93,6 +93,7 @@ class GrpcGrid:
         self.stop_reason: str | None = None
         self.finished = False
         self.closed = False
+        self.told: set[str] = set()  # clients that heard the run is over (Finish, or a finished Hello)
         self._started = False
         self._next_id = 1
 
@@ -173,8 +174,9 @@ class GrpcGrid:
         return self.stop_reason
 
     def close(self, finished: bool, reason: str = "") -> None:
-        """Tell every client that the run is over (or that the server stops), and wait up to
-        ``linger`` seconds for them to hear it; later Hellos learn it too."""
+        """Tell every client that the run is over (or that the server stops), and wait until every
+        client of the token file has heard it (members with their next call, late or dropped clients
+        with their next Hello), at most ``linger`` seconds."""
         deadline = time.monotonic() + self.opts.linger
         with self.cond:
             self.finished = finished
@@ -183,7 +185,8 @@ class GrpcGrid:
                     self._enqueue(m, None, Finish(stop=not finished, reason=reason), count=False)
             self.closed = True
             self.cond.notify_all()
-            while time.monotonic() < deadline and any(m.outbox for m in self.members.values() if m.state != "gone"):
+            everyone = set(self.index)
+            while time.monotonic() < deadline and not everyone <= self.told:
                 self.cond.wait(0.1)
             for m in self.members.values():
                 if m.state != "gone":
@@ -258,6 +261,8 @@ class GrpcGrid:
         with self.cond:
             if self.finished:
                 reply.finished = True
+                self.told.add(name)
+                self.cond.notify_all()
                 return reply
             if not req.join:
                 return reply
@@ -316,6 +321,8 @@ class GrpcGrid:
             for p, c in take:
                 if p is not None:
                     m.awaiting = p
+                if c.HasField("finish"):
+                    self.told.add(name)
             data = out.SerializeToString()
             self.traffic.wire_down += len(data)
             self.cond.notify_all()
@@ -330,8 +337,15 @@ class GrpcGrid:
     def leave(self, name: str, msg: pb.Done) -> None:
         with self.cond:
             m = self.members.get(name)
-            if m is not None and m.session == msg.session and m.state != "gone":
-                self._drop(m, f"left with an error: {safe_text(msg.error)}" if msg.error else "left")
+            if m is None or m.session != msg.session or m.state == "gone":
+                return
+            if name in self.told and not msg.error:
+                # The goodbye of a client that heard the run is over: not a drop (close() may still be
+                # waiting for a client that never comes back).
+                m.state, m.reason = "gone", "finished"
+                self.cond.notify_all()
+                return
+            self._drop(m, f"left with an error: {safe_text(msg.error)}" if msg.error else "left")
 
     def drop_name(self, name: str, reason: str, code: grpc.StatusCode) -> None:
         """A call of ``name`` was malformed: its client leaves the run."""

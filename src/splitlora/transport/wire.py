@@ -175,13 +175,27 @@ def handover_to_proto(h: Handover) -> pb.HandoverMsg:
                           exp_avg_sq=state_to_proto(h.exp_avg_sq), opt_steps=h.opt_steps)
 
 
+# AdamW's moments (torch's default betas, which runtime/optim.py uses): m = sum (1-b1) b1^k g_k and
+# v = sum (1-b2) b2^k g_k^2 per value, so by Cauchy-Schwarz m^2 <= MOMENT_RATIO * v whatever the
+# gradients were. Moments that break it were not made by AdamW: loaded, they make the next step as large
+# as the sender likes (m / sqrt(v) is unbounded); an sl client handing over exp_avg 1e10 with exp_avg_sq
+# 0 (inside the value bound) blew up the next client's adapter and got it dropped (issue 11).
+_BETA1, _BETA2 = 0.9, 0.999
+MOMENT_RATIO = (1 - _BETA1) ** 2 / ((1 - _BETA2) * (1 - _BETA1 ** 2 / _BETA2))  # about 52.9
+
+
 def handover_from_proto(msg: pb.HandoverMsg, shapes: Mapping[str, tuple[int, ...]], max_steps: int,
                         max_abs: float) -> Handover:
     sq = state_from_proto(msg.exp_avg_sq, shapes, "exp_avg_sq")
     if any(bool((v < 0).any()) for v in sq.values()):
         raise WireError("exp_avg_sq: second moments must be >= 0")
-    return Handover(state_from_proto(msg.state, shapes, "handover", max_abs=max_abs),
-                    state_from_proto(msg.exp_avg, shapes, "exp_avg"), sq,
+    avg = state_from_proto(msg.exp_avg, shapes, "exp_avg", max_abs=max_abs)
+    for k, m in avg.items():
+        # (slack for float32 rounding, and for squares that underflow to 0)
+        if bool((m.double().square() > MOMENT_RATIO * (1 + 1e-4) * sq[k].double() + 1e-30).any()):
+            raise WireError(f"exp_avg[{k}]: first moments too large for their second moments "
+                            "(not AdamW's: m^2 <= 52.9 v)")
+    return Handover(state_from_proto(msg.state, shapes, "handover", max_abs=max_abs), avg, sq,
                     _check_count(msg.opt_steps, max_steps, "opt_steps"))
 
 
