@@ -190,6 +190,16 @@ class Raw:
         raise AssertionError("the call was not refused")
 
 
+def raw_attack(cfg, tmp_path, csvs, later):
+    """A server, a raw attacker that joined and was asked its first forward, and the honest client."""
+    server = start_server(cfg, tmp_path / "server", later)
+    attacker = Raw(server.port, later)
+    attacker.hello()
+    errors = []
+    honest = start_honest(server, csvs[1], later, errors)
+    return server, attacker, honest, errors, attacker.asked("forward")
+
+
 def activations(step: int, value: float = 0.1, b: int = 2, t: int = 10, h: int = 64, dtype=torch.float32,
                 labels=True) -> pb.ActivationsMsg:
     """A well-formed Activations message (tiny-gpt2: hidden size 64), every hidden value ``value``."""
@@ -805,12 +815,7 @@ def test_batch_without_loss_tokens_is_refused(tmp_path, csvs, solo, later):
     """Finding 8: a batch whose labels are all -100 (its loss would be 0/0 = NaN) is refused and its
     sender dropped; metrics.jsonl stays strict JSON (no NaN); the adapter is the honest one alone."""
     cfg = attack_config()
-    server = start_server(cfg, tmp_path / "server", later)
-    attacker = Raw(server.port, later)
-    attacker.hello()
-    errors = []
-    honest = start_honest(server, csvs[1], later, errors)
-    forward = attacker.asked("forward")
+    server, attacker, honest, errors, forward = raw_attack(cfg, tmp_path, csvs, later)
     acts = activations(0)
     acts.labels.CopyFrom(tensor_to_proto(torch.full((2, 10), -100, dtype=torch.int32)))
     reply = pb.ClientMessage(session=attacker.session, reply_to=forward.id, activations=acts)
@@ -990,12 +995,7 @@ def test_protocol_abuse(tmp_path, csvs, solo, later, case, code, reason):
     commands not given or for the wrong step, absurd declared sizes: each is refused with its code,
     touches only the attacker's own membership, and the honest client trains as if alone."""
     cfg = attack_config()
-    server = start_server(cfg, tmp_path / "server", later)
-    attacker = Raw(server.port, later)
-    attacker.hello()
-    errors = []
-    honest = start_honest(server, csvs[1], later, errors)
-    forward = attacker.asked("forward")
+    server, attacker, honest, errors, forward = raw_attack(cfg, tmp_path, csvs, later)
     got, still_in = _abuse(case, attacker, server, forward)
     assert got == code
     if still_in:

@@ -230,9 +230,11 @@ def test_loopback_bf16_matches_the_simulation_at_bf16(tmp_path, tiny_gpt2):
     assert out["bytes_down_per_step"] < 0.75 * fp32["bytes_down_per_step"]
 
 
-def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["splitlora", "sl"])
+def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, monkeypatch, algorithm):
     """End to end on loopback: every message the U-shaped server receives holds floats (and the
-    uint8 attention mask) only, never labels or token ids; and the adapter is the simulation's."""
+    uint8 attention mask) only, never labels or token ids; and the adapter is the simulation's
+    (`sl`: the hand-over carries the client's bottom and tail)."""
     from splitlora.train import train
     from splitlora.transport.sessions import GrpcGrid
 
@@ -244,13 +246,19 @@ def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, mon
         return real(self, name, msg, wire_bytes, active)
 
     monkeypatch.setattr(GrpcGrid, "exchange", exchange)
-    cfg = deploy_config(clients=2, steps=4, split_shape="u-shape", tail_layers=1, cut_layer=1)
+    cfg = deploy_config(algorithm=algorithm, clients=2, steps=4, aggregate_every=2, split_shape="u-shape",
+                        tail_layers=1, cut_layer=1)
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
     sim = train(cfg, tmp_path / "train", progress=False)
     out = run_loopback(cfg, csvs, tmp_path / "loop", mode="threads", timeout=240)
-    assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) == 0
+    diff = max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"]))
+    print(f"\n{algorithm} u-shape: max |adapter(loopback) - adapter(train)| = {diff:.3g}")
+    assert diff == 0
     kinds = [m.WhichOneof("payload") for m in received]
-    assert kinds.count("activations") == kinds.count("tail_grad") == cfg.steps * cfg.clients
+    batches = cfg.steps * (cfg.clients if algorithm == "splitlora" else 1)  # sl: one client per step
+    assert kinds.count("activations") == kinds.count("tail_grad") == batches
+    if algorithm == "sl":
+        assert kinds.count("handover") >= 1
 
     def tensors(msg):
         for field, value in msg.ListFields():
@@ -476,6 +484,15 @@ def loopback(reference, tmp_path):
         lb.close()
 
 
+def resume_to_the_end(lb, serve_args, endpoint) -> list[dict]:
+    """Start the server again with --resume; it and every client finish (exit 0). The metrics records."""
+    lb.start_server(*serve_args, resume=True, listen=endpoint)
+    assert lb.wait(lb.server, 180, "resumed server") == 0, lb.tail("server.log")
+    for i, proc in lb.clients.items():
+        assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(lb.client_log(i))
+    return lb.metrics()
+
+
 def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_path):
     """Server + 3 client processes over TLS. Ctrl-C on the server stops it at the end of the round with a
     checkpoint; --resume continues; SIGKILL after a later checkpoint; --resume finishes the run. The
@@ -506,11 +523,7 @@ def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_
     killed = step_rows(lb.metrics())[-1]["step"]
     assert killed < cfg.steps, "the run finished before the kill; make it longer"
 
-    lb.start_server(*serve_args, resume=True, listen=endpoint)
-    assert lb.wait(lb.server, 180, "resumed server") == 0, lb.tail("server.log")
-    for i, proc in lb.clients.items():
-        assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(lb.client_log(i))
-    records = lb.metrics()
+    records = resume_to_the_end(lb, serve_args, endpoint)
     assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
     assert len(events(records, "resume")) == 2
     diff = max_abs_diff(adapter(result.adapter_dir), adapter(lb.server_dir / "adapter"))
@@ -541,11 +554,7 @@ def test_named_clients_kill_resume_equals_train(tmp_path, tiny_gpt2, algorithm, 
         lb.kill(lb.server, signal.SIGKILL)
         killed = step_rows(lb.metrics())[-1]["step"]
         assert killed < cfg.steps, "the run finished before the kill; make it longer"
-        lb.start_server(*serve_args, resume=True, listen=endpoint)
-        assert lb.wait(lb.server, 180, "resumed server") == 0, lb.tail("server.log")
-        for i, proc in lb.clients.items():
-            assert lb.wait(proc, 60, f"client {i}") == 0, lb.tail(lb.client_log(i))
-        records = lb.metrics()
+        records = resume_to_the_end(lb, serve_args, endpoint)
         assert "client alice joined" in (lb.root / "server.log").read_text() or events(records, "join")
     assert [r["step"] for r in step_rows(records)] == list(range(1, cfg.steps + 1))
     assert {e["client"] for e in events(records, "join")} == {"alice", "bob"}

@@ -47,6 +47,16 @@ def _cfg(model, cut):
     return RunConfig(model="x", cut_layer=cut, client_lora=side, server_lora=side)
 
 
+def assert_grads_match(whole, parts, atol=1e-5):
+    """Every trainable parameter of the parts got the unsplit model's gradient (and it is not zero)."""
+    ref = {n: p.grad for n, p in whole.named_parameters() if p.requires_grad}
+    got = {n: p.grad for part in parts for n, p in part.named_parameters() if p.requires_grad}
+    assert set(got) == set(ref)
+    for n in ref:
+        assert ref[n] is not None and ref[n].abs().sum() > 0
+        assert torch.allclose(got[n], ref[n], atol=atol, rtol=0), (n, (got[n] - ref[n]).abs().max())
+
+
 @pytest.mark.parametrize("name,model", MODELS, ids=[n for n, _ in MODELS])
 @pytest.mark.parametrize("cut", [1, 2, 3])
 def test_split_forward_equals_unsplit(name, model, cut):
@@ -89,12 +99,7 @@ def test_lora_gradients_match_unsplit(name, model):
     ForCausalLMLoss(logits, labels, model.config.vocab_size).backward()
     h.backward(sent.grad)
 
-    ref = {n: p.grad for n, p in whole.named_parameters() if p.requires_grad}
-    got = {n: p.grad for part in (client, server) for n, p in part.named_parameters() if p.requires_grad}
-    assert set(got) == set(ref)
-    for n in ref:
-        assert ref[n] is not None and ref[n].abs().sum() > 0
-        assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=0), (n, (got[n] - ref[n]).abs().max())
+    assert_grads_match(whole, (client, server))
 
 
 @pytest.mark.parametrize("name,model", MODELS, ids=[n for n, _ in MODELS])
@@ -189,12 +194,7 @@ def test_u_shaped_lora_gradients_match_unsplit(name, model):
     mid.backward(down.grad)  # dL/dh_(L-T) up, server backward
     h.backward(up.grad)  # dL/dh_K down, client backward
 
-    ref = {n: p.grad for n, p in whole.named_parameters() if p.requires_grad}
-    got = {n: p.grad for part in (client, server) for n, p in part.named_parameters() if p.requires_grad}
-    assert set(got) == set(ref)
-    for n in ref:
-        assert ref[n] is not None and ref[n].abs().sum() > 0
-        assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=0), (n, (got[n] - ref[n]).abs().max())
+    assert_grads_match(whole, (client, server))
 
 
 @pytest.mark.parametrize("name,model", MODELS, ids=[n for n, _ in MODELS])
