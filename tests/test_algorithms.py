@@ -264,3 +264,22 @@ def test_client_keeps_its_adapter_when_a_round_is_not_aggregated(tiny_gpt2):
     before = app.lora_state()
     app.handle(Load(1, None))  # too few uploads that round: nothing to load
     assert _max_diff(app.lora_state(), before) == 0
+
+
+@pytest.mark.parametrize("mode,most", [("sequential", 1), ("batched", 3)])
+def test_sequential_server_keeps_one_client_graph_alive(tiny_gpt2, mode, most):
+    """In process, `sequential` takes one client's batch at a time: when a client's activations go up,
+    no other client holds an open graph (the paper's memory profile); `batched` holds all of them."""
+    _, _, grid, algo = build_simulation(tiny_config(algorithm="splitlora", clients=3, steps=2, server_mode=mode),
+                                        loaded=tiny_gpt2)
+    open_graphs = []
+
+    def count(direction, name, message, nbytes):
+        if direction == "up" and isinstance(message, Activations):
+            open_graphs.append(sum(app._open is not None for app in grid.apps.values()))
+
+    grid.observers.append(count)
+    for t in range(2):
+        algo.step(t)
+    assert len(open_graphs) == 2 * 3
+    assert max(open_graphs) == most
