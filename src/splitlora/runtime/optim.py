@@ -12,6 +12,10 @@ from transformers import get_linear_schedule_with_warmup
 from ..config import RunConfig
 
 
+
+# AdamW's betas (torch's defaults), named: an sl hand-over's moments are checked against them (transport/wire.py).
+BETAS = (0.9, 0.999)
+
 class Optimizer:
     """AdamW over the trainable (LoRA) tensors of ``module``, stepped with optional clipping.
 
@@ -26,7 +30,7 @@ class Optimizer:
         self.params = [p for _, p in named]
         self.names = [lora_key(n) for n, _ in named]
         self.cfg, self.total_steps = cfg, total_steps
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = self._adamw()
         self.sched = self._schedule()
         self.max_grad_norm = cfg.max_grad_norm
         self.steps = 0
@@ -70,9 +74,12 @@ class Optimizer:
         self.sched.load_state_dict(state["sched"])
         self.steps = int(state["steps"])
 
+    def _adamw(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=BETAS, weight_decay=self.cfg.weight_decay)
+
     def restart_at(self, steps: int) -> None:
         """Fresh moments, the schedule standing at ``steps`` (a client that lost its optimiser state)."""
-        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = self._adamw()
         self.sched = self._schedule()
         self.steps = 0
         self.advance(steps)

@@ -70,7 +70,7 @@ class SplitServer:
                     if self.optimizer.grads_ok():
                         self.optimizer.step()
                         return self._replies(ups, hidden.grad, float(loss.detach())), refused
-                    bad = self._culprits(ups)
+                    bad = self._culprits([c for c, _ in ups], self._two_part_alone(ups))
                 self.optimizer.zero_grad()
             refused.clients += [c for c, _ in ups if c in bad]
             refused.reason = "its batch made the server's loss or gradients non-finite"
@@ -99,19 +99,24 @@ class SplitServer:
             row += b
         return bad or [c for c, _ in ups]
 
-    def _culprits(self, ups) -> list:
-        """Finite loss but non-finite gradients: try each client's batch alone (no step)."""
+    def _culprits(self, clients, backward_alone) -> list:
+        """Finite loss but unusable gradients: the clients whose part alone (``backward_alone(i)``
+        for the i-th) makes them unusable; all of them if none does alone. No step is taken."""
         bad = []
-        for client, a in ups:
+        for i, client in enumerate(clients):
             self.optimizer.zero_grad()
-            hidden, mask = self._concat([(client, a)])
-            logits = server_forward(self.part, hidden, mask)
-            if self.u_shape:
-                raise AssertionError("two-part only")
-            ForCausalLMLoss(logits, a.labels.to(self.device), self.vocab_size).backward()
+            backward_alone(i)
             if not self.optimizer.grads_ok():
                 bad.append(client)
-        return bad or [c for c, _ in ups]
+        return bad or list(clients)
+
+    def _two_part_alone(self, ups):
+        def backward(i):
+            client, a = ups[i]
+            hidden, mask = self._concat([(client, a)])
+            ForCausalLMLoss(server_forward(self.part, hidden, mask), a.labels.to(self.device),
+                            self.vocab_size).backward()
+        return backward
 
     def _concat(self, ups):
         width = max(a.hidden.shape[1] for _, a in ups)
@@ -170,7 +175,9 @@ class SplitServer:
                 out.backward(self._upstream(out, live, grads, share), retain_graph=len(live) > 1)
                 if self.optimizer.grads_ok():
                     return self._tail_replies(hidden, live, grads, share), refused
-                bad = self._tail_culprits(out, live, grads) if len(live) > 1 else [live[0][0]]
+                bad = [live[0][0]] if len(live) == 1 else self._culprits(
+                    [c for c, _, _ in live],
+                    lambda i: out.backward(self._upstream(out, [live[i]], grads, {live[i][0]: 1.0}), retain_graph=True))
                 self.optimizer.zero_grad()
                 hidden.grad = None  # the tries above wrote into it too
                 refused.clients += bad
@@ -186,16 +193,6 @@ class SplitServer:
             g = grads[c].grad.to(out.device, out.dtype)
             upstream[row:row + b, :t] = g if share[c] == 1.0 else g * share[c]
         return upstream
-
-    def _tail_culprits(self, out, live, grads) -> list:
-        """The clients whose tail gradient alone makes the server's gradients unusable (no step)."""
-        bad = []
-        for c, a, row in live:
-            self.optimizer.zero_grad()
-            out.backward(self._upstream(out, [(c, a, row)], grads, {c: 1.0}), retain_graph=True)
-            if not self.optimizer.grads_ok():
-                bad.append(c)
-        return bad or [c for c, _, _ in live]
 
     def _tail_replies(self, hidden, live, grads, share) -> dict:
         self.optimizer.step()

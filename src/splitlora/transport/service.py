@@ -59,15 +59,11 @@ class Servicer(pb_grpc.SplitLoRAServicer):
         # with ``read_timeout``, within the client's call slots.
         name = caller(context)
         with self._slot(name, context):
-            timer = threading.Timer(self.opts.read_timeout, context.cancel)
-            timer.daemon = True
-            timer.start()
-            try:
-                request = next(request_iterator, None)
-            except grpc.RpcError:  # cancelled: too slow, or the client went away
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "message not received in time")
-            finally:
-                timer.cancel()
+            with self._deadline(context):
+                try:
+                    request = next(request_iterator, None)
+                except grpc.RpcError:  # cancelled: too slow, or the client went away
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "message not received in time")
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Leave: empty stream")
             self.grid.leave(name, request)
@@ -89,20 +85,28 @@ class Servicer(pb_grpc.SplitLoRAServicer):
 
     def _read(self, chunks, cls, limit, context, name):
         """One message from the request stream; a sender slower than ``read_timeout`` is cut off."""
+        with self._deadline(context) as timer:
+            try:
+                return from_chunks(chunks, cls, limit, what=cls.__name__)
+            except WireError as exc:
+                self.grid.drop_name(name, f"malformed {cls.__name__}: {exc}", grpc.StatusCode.INVALID_ARGUMENT)
+                log.warning("invalid %s from client %s: %s", cls.__name__, name, exc)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except grpc.RpcError:  # cancelled: too slow, or the client went away
+                if not timer.is_alive():
+                    self.grid.drop_name(name, f"took over {self.opts.read_timeout:g}s to send one message",
+                                        grpc.StatusCode.DEADLINE_EXCEEDED)
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "message not received in time")
+
+    @contextlib.contextmanager
+    def _deadline(self, context):
+        """The call is cancelled if the block takes longer than ``read_timeout`` (the timer is yielded:
+        not alive afterwards means it fired)."""
         timer = threading.Timer(self.opts.read_timeout, context.cancel)
         timer.daemon = True
         timer.start()
         try:
-            return from_chunks(chunks, cls, limit, what=cls.__name__)
-        except WireError as exc:
-            self.grid.drop_name(name, f"malformed {cls.__name__}: {exc}", grpc.StatusCode.INVALID_ARGUMENT)
-            log.warning("invalid %s from client %s: %s", cls.__name__, name, exc)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except grpc.RpcError:  # cancelled: too slow, or the client went away
-            if not timer.is_alive():
-                self.grid.drop_name(name, f"took over {self.opts.read_timeout:g}s to send one message",
-                                    grpc.StatusCode.DEADLINE_EXCEEDED)
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "message not received in time")
+            yield timer
         finally:
             timer.cancel()
 

@@ -23,6 +23,7 @@ from ..data.batching import IGNORE
 from ..messages import (LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, STATE_WIRE_DTYPE, WIRE_DTYPES, Activations,
                         AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load, LocalStep,
                         StepDone, Sync, Tail, TailGrad, Upload)
+from ..runtime.optim import BETAS
 from . import splitlora_pb2 as pb
 
 PROTOCOL_VERSION = 2
@@ -175,12 +176,12 @@ def handover_to_proto(h: Handover) -> pb.HandoverMsg:
                           exp_avg_sq=state_to_proto(h.exp_avg_sq), opt_steps=h.opt_steps)
 
 
-# AdamW's moments (torch's default betas, which runtime/optim.py uses): m = sum (1-b1) b1^k g_k and
+# AdamW's moments (runtime/optim.py's betas b1, b2): m = sum (1-b1) b1^k g_k and
 # v = sum (1-b2) b2^k g_k^2 per value, so by Cauchy-Schwarz m^2 <= MOMENT_RATIO * v whatever the
 # gradients were. Moments that break it were not made by AdamW: loaded, they make the next step as large
 # as the sender likes (m / sqrt(v) is unbounded); an sl client handing over exp_avg 1e10 with exp_avg_sq
 # 0 (inside the value bound) blew up the next client's adapter and got it dropped (issue 11).
-_BETA1, _BETA2 = 0.9, 0.999
+_BETA1, _BETA2 = BETAS
 MOMENT_RATIO = (1 - _BETA1) ** 2 / ((1 - _BETA2) * (1 - _BETA1 ** 2 / _BETA2))  # about 52.9
 
 
