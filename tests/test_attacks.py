@@ -71,24 +71,8 @@ def start_server(cfg, out: Path, later, **options) -> ThreadServer:
     return server
 
 
-def start_honest(server, csv, later, errors: list, name: str = HONEST, reconnect_timeout: float = 30.0,
-                 results: list | None = None, **extra) -> threading.Thread:
-    """An ordinary client (:class:`RemoteClient`, what ``splitlora client`` runs) in a thread."""
-    from splitlora.config import ClientOptions
-    from splitlora.transport.remote_client import RemoteClient
-
-    def run():
-        try:
-            result = RemoteClient(ClientOptions(server=f"127.0.0.1:{server.port}", client_id=name, token=TOKENS[name],
-                                                data=str(csv), progress=False,
-                                                reconnect_timeout=reconnect_timeout, **extra)).run()
-            if results is not None:
-                results.append(result)
-        except BaseException as exc:  # noqa: BLE001 - the test reads it
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True, name=f"client-{name}")
-    thread.start()
+def start_honest(server, csv, later, errors: list, name: str = HONEST, **options) -> threading.Thread:
+    thread = honest_client(server.port, name, csv, errors, **options)
     later(lambda: thread.join(30))
     return thread
 

@@ -325,18 +325,24 @@ def md(name: str, token: str | None = None):
     return (("authorization", f"Bearer {token or TOKENS[name]}"), ("splitlora-client-id", name))
 
 
-def honest_client(port, name, csv, errors, tokens=TOKENS, **options):
+def honest_client(port, name, csv, errors, tokens=TOKENS, results: list | None = None, **options):
+    """An ordinary client (:class:`RemoteClient`, what ``splitlora client`` runs) in a thread; its
+    exception goes to ``errors``, its result to ``results``."""
     from splitlora.config import ClientOptions
     from splitlora.transport.remote_client import RemoteClient
 
+    options = {"reconnect_timeout": 30.0, **options}
+
     def run():
         try:
-            RemoteClient(ClientOptions(server=f"127.0.0.1:{port}", client_id=name, token=tokens[name],
-                                       data=str(csv), progress=False, reconnect_timeout=30, **options)).run()
-        except BaseException as exc:  # noqa: BLE001
+            result = RemoteClient(ClientOptions(server=f"127.0.0.1:{port}", client_id=name, token=tokens[name],
+                                                data=str(csv), progress=False, **options)).run()
+            if results is not None:
+                results.append(result)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
             errors.append(exc)
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, daemon=True, name=f"client-{name}")
     thread.start()
     return thread
 
