@@ -49,7 +49,7 @@ def test_fedavg_is_sample_weighted(tiny_gpt2):
     counts = [len(ix) for ix in data.client_indices]
     assert len(set(counts)) > 1
     assert max(_max_diff(before[0], s) for s in before[1:]) > 0  # clients diverged before averaging
-    event = algo._aggregate(1)
+    event = algo.aggregate(1)
     assert event["samples"] == counts
     expected = {k: sum(n * s[k] for n, s in zip(counts, before)) / sum(counts) for k in before[0]}
     for c in clients:

@@ -26,6 +26,7 @@ import yaml
 
 from .errors import UserError
 from .messages import WIRE_DTYPES
+from .registry import AGGREGATORS, ALGORITHMS, DEFENCES
 
 SERVER_MODES = ("sequential", "batched")
 SPLIT_SHAPES = ("two-part", "u-shape")
@@ -79,10 +80,13 @@ class Privacy:
     noise_multiplier: float = option(0.0, "add Gaussian noise N(0, (sigma*C)^2) to every clipped value a client "
                                           "sends (sigma; needs clip_norm)", flag="--noise-multiplier")
     delta: float = option(1e-5, "delta of the reported (epsilon, delta) guarantee")
+    defence: str = option("clip-noise", "the client-side defence that clip_norm and noise_multiplier configure, or a "
+                                        "registered one (splitlora.register_defence)")
     nopeek_weight: float = option(0.0, "weight of NoPeek's distance-correlation loss between a client's input "
                                        "embeddings and the activations it sends (0: off)", flag="--nopeek")
 
     def validate(self) -> None:
+        DEFENCES.check(self.defence, "privacy.defence")
         if self.clip_norm < 0 or self.noise_multiplier < 0 or self.nopeek_weight < 0:
             raise UserError("privacy.clip_norm, noise_multiplier and nopeek_weight must be >= 0")
         if self.noise_multiplier > 0 and self.clip_norm == 0:
@@ -95,6 +99,8 @@ class Privacy:
 class Aggregation:
     """Robust FedAvg: bounds that one client's upload cannot pass (the same in simulation and deployment)."""
 
+    rule: str = option("fedavg", "the aggregation rule: fedavg (sample-weighted, with the bounds below) or a "
+                                 "registered one (splitlora.register_aggregator)")
     max_update_ratio: float = option(
         3.0, "an upload whose change from the current average has an L2 norm above this many times "
              "max(median change of the other clients of the round, norm of the average) is an outlier (0: no bound)")
@@ -109,6 +115,7 @@ class Aggregation:
              "over a token can overflow)")
 
     def validate(self) -> None:
+        AGGREGATORS.check(self.rule, "aggregation.rule")
         if self.max_update_ratio < 0:
             raise UserError(f"aggregation.max_update_ratio must be >= 0 (got {self.max_update_ratio})")
         if self.outliers not in OUTLIER_ACTIONS:
@@ -158,6 +165,9 @@ class RunConfig:
     max_grad_norm: float = option(0.0, "clip each party's LoRA gradient to this norm (0: no clipping)")
     aggregate_every: int = option(5, "I: local steps between FedAvg rounds (sl: steps per client turn)",
                                   flag="--aggregate-every")
+    # ---- client sampling (splitlora, fed) ----
+    clients_per_round: int = option(0, "splitlora, fed: a seeded sample of this many clients takes part in each "
+                                       "round of I steps (0: all)", flag="--clients-per-round")
     server_mode: str = option("sequential", "splitlora: sequential (one server step per client batch, the "
                                             "paper's code) or batched (one server step over all clients' batches)",
                               flag="--server-mode")
@@ -181,10 +191,7 @@ class RunConfig:
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
-        from .algorithms import ALGORITHMS  # the one registry of algorithm names
-
-        if self.algorithm not in ALGORITHMS:
-            raise UserError(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
+        ALGORITHMS.check(self.algorithm, "algorithm")
         for name, allowed in (("server_mode", SERVER_MODES), ("wire_dtype", tuple(WIRE_DTYPES)),
                               ("split_shape", SPLIT_SHAPES)):
             if getattr(self, name) not in allowed:
@@ -194,6 +201,9 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.clients_per_round <= self.clients:
+            raise UserError(f"clients_per_round must be between 0 (all) and clients={self.clients} "
+                            f"(got {self.clients_per_round})")
         for name in ("warmup_steps", "eval_every", "save_every", "threads", "seed", "tail_layers"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
@@ -289,9 +299,6 @@ class ServeOptions:
     handle_signals: bool = option(True, "SIGINT/SIGTERM stop at the end of the round (main thread only)")
 
     def validate(self, cfg: RunConfig) -> "ServeOptions":
-        if cfg.algorithm == "cen":
-            raise UserError("serve does not run algorithm cen: it is one party on pooled data, with nothing to "
-                            "send over a network (use `splitlora train --algorithm cen`)")
         if not 1 <= self.min_clients <= cfg.clients:
             raise UserError(f"--min-clients must be between 1 and clients={cfg.clients} (got {self.min_clients})")
         if len(self.tokens) < cfg.clients:
@@ -372,9 +379,8 @@ class RayOptions:
             if changed:
                 raise UserError(f"{changed[0]} needs --backend ray")
             return self
-        n = 1 if cfg.algorithm == "cen" else cfg.clients
-        if not 0 <= self.actors <= n:
-            raise UserError(f"--ray-actors must be between 0 (one per client) and {n} (got {self.actors})")
+        if not 0 <= self.actors <= cfg.clients:
+            raise UserError(f"--ray-actors must be between 0 (one per client) and {cfg.clients} (got {self.actors})")
         for name in ("client_cpus", "client_gpus", "server_cpus", "server_gpus"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
@@ -392,7 +398,7 @@ class RayOptions:
 
     def clients_per_actor(self, n: int) -> list[list[int]]:
         """Client indices of each actor: ``n`` clients over ``actors`` actors, in index order."""
-        k = self.actors or n
+        k = min(self.actors or n, n)
         return [list(range(n))[a * n // k:(a + 1) * n // k] for a in range(k)]
 
 

@@ -153,7 +153,7 @@ def run_loop(cfg: RunConfig, algo: Algorithm, metrics: MetricsLog, *, totals: To
                 checkpointer.save(algo, totals)
             shown = {"loss": f"{result.loss:.3f}" if result.loss is not None else "-",
                      "tok_s": f"{totals.tokens / max(elapsed(), 1e-9):.0f}"}
-            if result.clients != cfg.clients and cfg.algorithm not in ("cen", "sl"):
+            if algo.every_client_steps and result.clients != (cfg.clients_per_round or algo.parties(cfg)):
                 shown["clients"] = result.clients
             bar.set_postfix(**shown)
             bar.update(1)
@@ -173,14 +173,13 @@ def run_loop(cfg: RunConfig, algo: Algorithm, metrics: MetricsLog, *, totals: To
 # ---- the simulation ---------------------------------------------------------------------------------
 
 def client_apps(cfg: RunConfig, source: ModelSource, data, device, indices=None) -> list[ClientApp]:
-    """The simulated clients: one per partition (``cen``: one party on the pooled data); only those of
-    ``indices`` when given (a Ray actor builds its share of them)."""
+    """The simulated clients: the algorithm's parties, each with its data; only those of ``indices``
+    when given (a Ray actor builds its share of them)."""
     algo = ALGORITHMS[cfg.algorithm]
     whole = algo.whole_clients
-    n = 1 if cfg.algorithm == "cen" else cfg.clients
     apps = []
-    for i in (range(n) if indices is None else indices):
-        items = data.train if cfg.algorithm == "cen" else data.client_items(i)
+    for i in (range(algo.parties(cfg)) if indices is None else indices):
+        items = algo.party_items(data, i)
         part = source.lora_part("whole" if whole else "client", device=device)
         apps.append(ClientApp(str(i), i, part, items, cfg, whole, source.pad_id, source.num_blocks))
     return apps

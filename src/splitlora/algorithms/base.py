@@ -6,11 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+import numpy as np
+
 from ..config import RunConfig
 from ..messages import Load, Sync, Upload
 from ..models.parts import ModelSource
-from ..runtime.aggregator import fedavg, robust_fedavg
+from ..registry import AGGREGATORS
+from ..runtime.aggregator import fedavg
 from ..runtime.grid import ClientInfo, Grid, ask_all
+from ..runtime.server import SplitServer
 
 
 @dataclass
@@ -38,8 +42,33 @@ class Algorithm:
     """
 
     name = ""
+    # ---- the layout: which parties exist, what each holds, what crosses ----------------------------
     holds_server_part = True  # whether the server runs part of the model (fed: no)
     whole_clients = False  # whether clients hold the whole model (fed, cen)
+    sends_activations = True  # whether activations cross the cut (what the leakage audit attacks)
+    every_client_steps = True  # every (sampled) client works at every step (sl: one client at a time)
+    samples_clients = False  # honours ``clients_per_round`` (a seeded sample of clients per round)
+    not_deployable: str | None = None  # why ``serve`` cannot run it (None: it can)
+
+    @classmethod
+    def parties(cls, cfg: RunConfig) -> int:
+        """How many client parties a run of ``cfg`` has."""
+        return cfg.clients
+
+    @classmethod
+    def party_items(cls, data, index: int) -> list:
+        """The encoded training rows party ``index`` holds (``data``: :class:`~splitlora.data.PreparedData`)."""
+        return data.client_items(index)
+
+    @classmethod
+    def batches_drawn(cls, cfg: RunConfig, index: int, steps: int) -> int:
+        """Batches party ``index`` draws in the first ``steps`` steps (what the accountant counts)."""
+        if not cls.samples_clients or not cfg.clients_per_round:
+            return steps
+        every = cfg.aggregate_every
+        full = sum(every for b in range(0, steps - steps % every, every) if index in sampled(cfg, b))
+        tail = steps % every if steps % every and index in sampled(cfg, steps - steps % every) else 0
+        return full + tail
 
     def __init__(self, cfg: RunConfig, source: ModelSource, grid: Grid, device: torch.device | str = "cpu"):
         self.cfg, self.source, self.grid, self.device = cfg, source, grid, device
@@ -48,6 +77,8 @@ class Algorithm:
         self.consistent = True
         self.members: list[ClientInfo] = []
         self.global_state: dict[str, torch.Tensor] = {}  # the averaged client adapter (what joiners get)
+        self.aggregator = AGGREGATORS[cfg.aggregation.rule]  # fn(uploads, current, rules, min_clients)
+        self.holds: dict[str, int] = {}  # client name -> the round whose average it holds
 
     # ---- the schedule ---------------------------------------------------------------------------
     def step(self, t: int) -> StepResult:
@@ -65,7 +96,8 @@ class Algorithm:
 
     def welcome(self, client: ClientInfo, step: int) -> Sync:
         """What a client joining before ``step`` gets: the step, its data position, the global adapter."""
-        return Sync(step, step, self.round, state=self.global_state)
+        self.holds[client.name] = self.round
+        return Sync(step, self.batches_drawn(self.cfg, client.index, step), self.round, state=self.global_state)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -75,30 +107,51 @@ class Algorithm:
         self.round = int(state["round"])
         self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
 
+    def make_server(self, total_steps: int) -> SplitServer:
+        """The main server's part and its LoRA, for algorithms that split the model (``total_steps``: of
+        its learning-rate schedule). The schedule tests replace it with a fake."""
+        return SplitServer(self.source.lora_part("server", device=self.device), self.cfg, total_steps)
+
     def join(self, step: int) -> None:
         """Admit the clients the run starts (or resumes) with, before its first step."""
-        self._admit(step, boundary=True)
+        self.admit(step, boundary=True)
 
-    # ---- helpers ----------------------------------------------------------------------------------
-    def _admit(self, t: int, boundary: bool) -> list[ClientInfo]:
+    # ---- helpers for a schedule ---------------------------------------------------------------------
+    def admit(self, t: int, boundary: bool) -> list[ClientInfo]:
+        """The clients taking part in step ``t`` (at a ``boundary``, waiting clients join first).
+
+        With ``clients_per_round`` (and ``samples_clients``), only this round's seeded sample of
+        client indices; one that missed earlier rounds first gets the current average.
+        """
         self.members = self.grid.admit(t, boundary, lambda c: self.welcome(c, t))
+        if not self.samples_clients or not self.cfg.clients_per_round:
+            return self.members
+        chosen = sampled(self.cfg, t - t % self.cfg.aggregate_every)
+        self.members = [c for c in self.members if c.index in chosen]
+        for c in self.members:
+            if self.holds.get(c.name) != self.round:
+                self.grid.send(c, Load(self.round, self.global_state, keep_from=self.keep_from))
+                self.holds[c.name] = self.round
         return self.members
 
-    def _alive(self) -> list[ClientInfo]:
+    def alive(self) -> list[ClientInfo]:
+        """The clients of the current step that are still in the run."""
         return [c for c in self.members if self.grid.alive(c)]
 
-    def _aggregate(self, step: int) -> dict:
-        """FedAvg of the live clients' adapters (robust, see runtime.aggregator); the average goes back."""
+    def aggregate(self, step: int) -> dict:
+        """FedAvg of the live clients' adapters (the run's aggregation rule); the average goes back."""
         before = self.grid.traffic.copy()
-        ups = ask_all(self.grid, self._alive(), lambda c: Upload(self.round))
-        avg = robust_fedavg([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
-                            self.global_state, self.cfg.aggregation, self.grid.min_clients)
+        ups = ask_all(self.grid, self.alive(), lambda c: Upload(self.round))
+        avg = self.aggregator([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
+                              self.global_state, self.cfg.aggregation, self.grid.min_clients)
         self.round += 1
         if avg.state is not None:
             self.global_state = avg.state
             self.consistent = True
         for c in ups:
             self.grid.send(c, Load(self.round, avg.state, keep_from=self.keep_from))
+            if avg.state is not None:
+                self.holds[c.name] = self.round
         spent = self.grid.traffic - before
         event = {"event": "aggregate" if avg.state is not None else "aggregate_skipped", "step": step,
                  "round": self.round, "clients": len(avg.used), "used": avg.used, "samples": avg.samples,
@@ -108,18 +161,27 @@ class Algorithm:
                 event[key] = getattr(avg, key)
         return event
 
-    def _peek_average(self) -> dict[str, torch.Tensor]:
+    def peek_average(self) -> dict[str, torch.Tensor]:
         """The average of the clients' adapters right now (simulation only: read, not sent)."""
-        states = [(self.grid.peek(c), c.num_samples) for c in self._alive()]
+        states = [(self.grid.peek(c), c.num_samples) for c in self.alive()]
         states = [(s, n) for s, n in states if s is not None]
         if self.consistent or not states:
             return self.global_state
         return fedavg([s for s, _ in states], [n for _, n in states])
 
 
-def client_keys(init: dict[str, torch.Tensor], server_part) -> dict[str, torch.Tensor]:
+def client_keys(init: dict[str, torch.Tensor], server_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The client side's share of the initial adapter: what the server's part does not hold."""
-    from ..models.lora import lora_state
+    return {k: v for k, v in init.items() if k not in server_state}
 
-    server = lora_state(server_part).keys()
-    return {k: v for k, v in init.items() if k not in server}
+
+def sampled(cfg: RunConfig, boundary: int) -> set[int]:
+    """The client indices that take part in the round starting at step ``boundary`` (``clients_per_round``).
+
+    Drawn from every index, not from the clients present, so that anyone (a resumed server, a
+    rejoining client, the accountant) can recompute it from the seed alone.
+    """
+    n, m = cfg.clients, cfg.clients_per_round
+    if not m or m >= n:
+        return set(range(n))
+    return {int(i) for i in np.random.default_rng([cfg.seed, boundary]).choice(n, m, replace=False)}

@@ -12,9 +12,19 @@ from .fed import FedLoRA
 
 class CentralisedLoRA(FedLoRA):
     name = "cen"
+    samples_clients = False
+    not_deployable = "it is one party on pooled data, with nothing to send over a network"
+
+    @classmethod
+    def parties(cls, cfg) -> int:
+        return 1
+
+    @classmethod
+    def party_items(cls, data, index: int) -> list:
+        return data.train  # the pooled data
 
     def step(self, t: int) -> StepResult:
-        (party,) = self._admit(t, boundary=t == 0)
+        (party,) = self.admit(t, boundary=t == 0)
         done = self.grid.ask(party, LocalStep(t)).get()
         self.steps_done = t + 1
         return StepResult(done.loss, done.tokens, 1)

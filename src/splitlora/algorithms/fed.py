@@ -13,6 +13,8 @@ class FedLoRA(Algorithm):
     name = "fed"
     holds_server_part = False
     whole_clients = True
+    sends_activations = False  # only adapters cross, to the aggregator
+    samples_clients = True
 
     def __init__(self, cfg, source, grid, device="cpu"):
         super().__init__(cfg, source, grid, device)
@@ -21,23 +23,23 @@ class FedLoRA(Algorithm):
         self.steps_done = 0
 
     def step(self, t: int) -> StepResult:
-        clients = self._admit(t, boundary=t % self.cfg.aggregate_every == 0)
+        clients = self.admit(t, boundary=t % self.cfg.aggregate_every == 0)
         done = ask_all(self.grid, clients, lambda c: LocalStep(t))
         if not done:
             return StepResult(None, 0, 0, ran=False)
         self.consistent = False
         self.steps_done = t + 1
         loss, tokens = weighted_loss((d.loss, d.tokens) for d in done.values())
-        events = [self._aggregate(t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
+        events = [self.aggregate(t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
         return StepResult(loss, tokens, len(done), events)
 
     def finish(self, steps_done: int) -> list[dict]:
         if not self.consistent:
-            return [self._aggregate(steps_done - 1)]
+            return [self.aggregate(steps_done - 1)]
         return []
 
     def adapter_state(self):
-        return dict(self._peek_average())
+        return dict(self.peek_average())
 
     @property
     def lr(self) -> float:

@@ -5,19 +5,19 @@ client (and keeps a copy: a checkpoint point, and what the next client gets if t
 from __future__ import annotations
 
 from ..messages import Forward, HandIn, HandOut, Handover, Sync
-from ..models.lora import load_lora_state, lora_state
-from ..runtime.server import SplitServer
+from ..models.lora import load_lora_state
 from .base import Algorithm, StepResult, client_keys, weighted_loss
 from .shapes import round_trip
 
 
 class SplitLearning(Algorithm):
     name = "sl"
+    every_client_steps = False
 
     def __init__(self, cfg, source, grid, device="cpu"):
         super().__init__(cfg, source, grid, device)
-        self.server = SplitServer(source.lora_part("server", device=device), cfg, cfg.steps)
-        state = client_keys(source.initial_state(), self.server.part)
+        self.server = self.make_server(cfg.steps)
+        state = client_keys(source.initial_state(), self.server.lora_state())
         self.global_state = state
         zeros = {k: v.new_zeros(v.shape) for k, v in state.items()}
         self.handover = Handover(state, zeros, {k: v.clone() for k, v in zeros.items()}, 0)  # the server's copy
@@ -26,19 +26,20 @@ class SplitLearning(Algorithm):
     def turn_of(self, t: int) -> int:
         return (t // self.cfg.aggregate_every) % self.cfg.clients
 
-    def batches_before(self, t: int, index: int) -> int:
-        """Batches client ``index`` draws before step ``t``: the steps of its turns so far."""
-        every, n = self.cfg.aggregate_every, self.cfg.clients
-        turns = t // every
+    @classmethod
+    def batches_drawn(cls, cfg, index: int, steps: int) -> int:
+        """Batches client ``index`` draws in the first ``steps`` steps: the steps of its turns."""
+        every, n = cfg.aggregate_every, cfg.clients
+        turns = steps // every
         full = turns // n + (1 if index < turns % n else 0)
-        return full * every + (t % every if turns % n == index else 0)
+        return full * every + (steps % every if turns % n == index else 0)
 
     def welcome(self, client, step: int) -> Sync:
-        return Sync(step, self.batches_before(step, client.index), self.round)
+        return Sync(step, self.batches_drawn(self.cfg, client.index, step), self.round)
 
     def step(self, t: int) -> StepResult:
         every = self.cfg.aggregate_every
-        clients = self._admit(t, boundary=t % every == 0)
+        clients = self.admit(t, boundary=t % every == 0)
         if not clients:
             return StepResult(None, 0, 0, ran=False)
         events = []
@@ -87,7 +88,7 @@ class SplitLearning(Algorithm):
         state = self.handover.state
         if not self.consistent and self.holder is not None:
             state = self.grid.peek(self.holder) or state
-        return {**state, **lora_state(self.server.part)}
+        return {**state, **self.server.lora_state()}
 
     @property
     def lr(self) -> float:
@@ -95,7 +96,7 @@ class SplitLearning(Algorithm):
 
     def state_dict(self) -> dict:
         h = self.handover
-        return {**super().state_dict(), "server_lora": lora_state(self.server.part),
+        return {**super().state_dict(), "server_lora": self.server.lora_state(),
                 "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
                 "handover": {"state": h.state, "exp_avg": h.exp_avg, "exp_avg_sq": h.exp_avg_sq,
                              "opt_steps": h.opt_steps}}

@@ -4,25 +4,23 @@ client adapters are FedAvg-ed every I local steps (Lin et al., arXiv 2407.00952)
 from __future__ import annotations
 
 from ..messages import Forward
-from ..models.lora import lora_state
 from ..runtime.grid import ask_all
-from ..runtime.server import SplitServer
 from .base import Algorithm, StepResult, client_keys, weighted_loss
 from .shapes import round_trip
 
 
 class SplitLoRA(Algorithm):
     name = "splitlora"
+    samples_clients = True
 
     def __init__(self, cfg, source, grid, device="cpu"):
         super().__init__(cfg, source, grid, device)
         sequential = cfg.server_mode == "sequential"
-        self.server = SplitServer(source.lora_part("server", device=device), cfg,
-                                  cfg.steps * cfg.clients if sequential else cfg.steps)
-        self.global_state = client_keys(source.initial_state(), self.server.part)
+        self.server = self.make_server(cfg.steps * (cfg.clients_per_round or cfg.clients) if sequential else cfg.steps)
+        self.global_state = client_keys(source.initial_state(), self.server.lora_state())
 
     def step(self, t: int) -> StepResult:
-        clients = self._admit(t, boundary=t % self.cfg.aggregate_every == 0)
+        clients = self.admit(t, boundary=t % self.cfg.aggregate_every == 0)
         if self.cfg.server_mode == "sequential":
             # All clients are asked at once (remote ones compute in parallel); the server takes their
             # batches one at a time, in index order. In process a client computes when its batch is
@@ -39,23 +37,23 @@ class SplitLoRA(Algorithm):
             return StepResult(None, 0, 0, ran=False)
         self.consistent = False
         loss, tokens = weighted_loss(losses.values())
-        events = [self._aggregate(t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
+        events = [self.aggregate(t)] if (t + 1) % self.cfg.aggregate_every == 0 else []
         return StepResult(loss, tokens, len(losses), events)
 
     def finish(self, steps_done: int) -> list[dict]:
         if not self.consistent:  # the last round was partial
-            return [self._aggregate(steps_done - 1)]
+            return [self.aggregate(steps_done - 1)]
         return []
 
     def adapter_state(self):
-        return {**self._peek_average(), **lora_state(self.server.part)}
+        return {**self.peek_average(), **self.server.lora_state()}
 
     @property
     def lr(self) -> float:
         return self.server.optimizer.lr
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "server_lora": lora_state(self.server.part),
+        return {**super().state_dict(), "server_lora": self.server.lora_state(),
                 "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

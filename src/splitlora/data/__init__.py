@@ -44,7 +44,7 @@ def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
         raise UserError("no training examples left after the validation split")
     # Drop examples whose completion max_length cuts away before partitioning, so indices line up.
     train_ex, train = encode_labelled(train_ex, tokenizer, cfg.prompt_template, cfg.max_length)
-    n_clients = 1 if cfg.algorithm == "cen" else cfg.clients
+    n_clients = cfg.clients  # an algorithm with pooled data (cen) reads ``train``
     key = cfg.partition_key
     indices = partition(len(train_ex), n_clients, cfg.partition, cfg.seed,
                         key_of=lambda i: train_ex[i].slots().get(key, ""))

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..errors import UserError
+from ..registry import ARCHITECTURES as REGISTERED
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def architecture_of(model: PreTrainedModel) -> Architecture:
     model_type = model.config.model_type
+    if model_type not in ARCHITECTURES and model_type in REGISTERED:  # splitlora.register_architecture
+        return REGISTERED[model_type]
     if model_type not in ARCHITECTURES:
         raise UserError(f"model type {model_type!r} is not supported yet (supported: "
                         f"{', '.join(sorted(ARCHITECTURES))}); add it to splitlora/models/split.py")

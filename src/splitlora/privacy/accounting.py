@@ -25,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..config import RunConfig
+from ..registry import ALGORITHMS
 
 
 @dataclass
@@ -60,13 +61,7 @@ def releases_per_example(cfg: RunConfig, client_sizes: list[int]) -> int:
     per_step = 2 if cfg.u_shape else 1
     worst = 0
     for index, n in enumerate(client_sizes):
-        if cfg.algorithm == "sl":
-            every, clients = cfg.aggregate_every, cfg.clients
-            turns = cfg.steps // every
-            batches = (turns // clients + (1 if index < turns % clients else 0)) * every
-            batches += cfg.steps % every if turns % clients == index else 0
-        else:
-            batches = cfg.steps
+        batches = ALGORITHMS[cfg.algorithm].batches_drawn(cfg, index, cfg.steps)
         worst = max(worst, math.ceil(batches * cfg.batch_size / max(n, 1)))
     return worst * per_step
 

@@ -39,6 +39,7 @@ from ..config import RunConfig
 from ..data.batching import IGNORE, BatchStream, collate, encode_all
 from ..errors import UserError
 from ..messages import Activations, Tail, TailGrad
+from ..registry import ALGORITHMS
 from ..models.split import client_forward, make_part, run_blocks, tail_forward
 from .accounting import guarantee
 from .defences import Protector
@@ -183,7 +184,7 @@ def _truth(cfg: RunConfig, data, pad_id: int, recorder: Recorder) -> dict[tuple[
     out = {}
     for client in recorder.ups:
         index = int(client)
-        items = data.train if cfg.algorithm == "cen" else data.client_items(index)
+        items = ALGORITHMS[cfg.algorithm].party_items(data, index)
         stream = BatchStream(items, cfg.batch_size, pad_id, seed=(cfg.seed, index))
         wanted = {k: step for (c, step), k in recorder.batch_of.items() if c == client}
         for k in range(max(wanted) + 1):
@@ -282,9 +283,9 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, opts: AuditOptions | None = N
 
     opts = opts or AuditOptions()
     out = Path(out_dir)
-    if cfg.algorithm in ("cen", "fed"):
-        raise UserError(f"{cfg.algorithm}: no activations leave a client (fed's aggregator sees LoRA updates, "
-                        "which this audit does not attack); audit splitlora or sl")
+    if not ALGORITHMS[cfg.algorithm].sends_activations:
+        raise UserError(f"{cfg.algorithm}: no activations leave a client (an aggregator sees LoRA updates, "
+                        f"which this audit does not attack); audit an algorithm that splits the model")
     public = attacker_examples(cfg, opts, opts.attacker_examples)  # bad attacker data fails before training
     loaded = loaded or load_model(cfg.model)
     times = {}

@@ -25,7 +25,8 @@ from ..messages import (Activations, AdapterUpdate, Backward, Finish, Forward, H
                         LocalStep, StepDone, Sync, Tail, TailGrad, Upload)
 from ..models.lora import load_lora_state, lora_state
 from ..models.split import client_forward, tail_forward
-from ..privacy.defences import Protector, nopeek_loss
+from ..privacy.defences import nopeek_loss
+from ..registry import DEFENCES
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
 
@@ -48,7 +49,7 @@ class ClientApp:
         self.batches = 0  # batches drawn so far
         self.optimizer = Optimizer(part, cfg, cfg.steps)
         self.rng = PartyRng(party_seed(cfg.seed, f"client:{index}"), self.device)
-        self.protect = Protector(cfg.privacy, party_seed(cfg.seed, f"noise:{index}"), self.device)
+        self.protect = DEFENCES[cfg.privacy.defence](cfg.privacy, party_seed(cfg.seed, f"noise:{index}"), self.device)
         self.snapshots: dict[int, dict] = {}  # batches drawn -> optimiser and RNG state at a round boundary
         self.finished: Finish | None = None
         self.hooks: list[Hook] = []

@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..data.batching import IGNORE
 from ..device import PartyRng, party_seed
 from ..messages import Activations, Backward, Tail, TailGrad
+from ..models.lora import lora_state
 from ..models.split import server_forward
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
@@ -47,6 +48,9 @@ class SplitServer:
         self.rng = PartyRng(party_seed(cfg.seed, "server"), self.device)
         self.hooks: list[Hook] = []
         self._open = None  # U-shape: the middle's graph between forward and backward
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.part)
 
     def _observe(self, kind: str, ups) -> "contextlib.ExitStack":
         return observe(self.hooks, Work("server", kind, ups[0][1].step, tuple(tuple(a.hidden.shape) for _, a, *_ in ups),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..config import RayOptions, RunConfig
 from ..errors import UserError
+from ..registry import ALGORITHMS
 from ..runtime.grid import ClientInfo
 
 log = logging.getLogger("splitlora.transport.ray")
@@ -109,7 +110,6 @@ class ServerHost:
         return _rss()
 
     def run(self):
-        from ..algorithms import ALGORITHMS
         from ..data import prepare_data
         from ..device import resolve_device, setup_torch
         from ..models.loading import load_model
@@ -178,6 +178,17 @@ def connect(opts: RayOptions) -> bool:
     return True
 
 
+def fitting_actors(have: dict, opts: RayOptions, n: int) -> int:
+    """Client actors for ``n`` clients when ``--ray-actors`` is not given: one per client where the cluster
+    has room, else as many as fit (the clients queue on them: an actor steps its clients in turn)."""
+    fits = n
+    for kind in ("CPU", "GPU"):
+        per = getattr(opts, f"client_{kind.lower()}s")
+        if per > 0:
+            fits = min(fits, int((have.get(kind, 0) - getattr(opts, f"server_{kind.lower()}s") + 1e-9) // per))
+    return max(1, fits)
+
+
 def check_resources(ray, opts: RayOptions, actors: int) -> None:
     """Refuse at once what the cluster cannot place (Ray would wait for it forever)."""
     have = ray.cluster_resources()
@@ -193,8 +204,8 @@ def check_resources(ray, opts: RayOptions, actors: int) -> None:
 def start_clients(cfg: RunConfig, opts: RayOptions) -> tuple[list, dict, list[ClientInfo]]:
     """The client actors (started and ready): ``(actors, {name: actor}, clients)``."""
     ray = import_ray()
-    n = 1 if cfg.algorithm == "cen" else cfg.clients
-    groups = opts.clients_per_actor(n)
+    n = ALGORITHMS[cfg.algorithm].parties(cfg)
+    groups = opts.clients_per_actor(n if opts.actors else fitting_actors(ray.cluster_resources(), opts, n))
     check_resources(ray, opts, len(groups))
     actor_cls = ray.remote(ClientHost)
     device = _party_device(cfg, opts.client_gpus)

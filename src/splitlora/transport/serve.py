@@ -162,6 +162,10 @@ def serve(cfg: RunConfig, opts: ServeOptions, out_dir: str | Path, on_ready=None
     ``DIR/checkpoint/``; ``DIR/endpoint`` tells where it listens. ``on_ready(port)`` is called once
     it listens; ``grid_box`` (a list) receives the :class:`GrpcGrid` (for tests).
     """
+    algo_cls = ALGORITHMS[cfg.algorithm]
+    if algo_cls.not_deployable:
+        raise UserError(f"serve does not run algorithm {cfg.algorithm}: {algo_cls.not_deployable} "
+                        f"(use `splitlora train --algorithm {cfg.algorithm}`)")
     opts.validate(cfg)
     check_certificate(opts.tls_cert)
     out = Path(out_dir)
@@ -170,11 +174,10 @@ def serve(cfg: RunConfig, opts: ServeOptions, out_dir: str | Path, on_ready=None
     state = read_resume_state(cfg, opts, out)
     setup_torch(cfg.seed, cfg.threads)
     say = _sayer(opts.progress)
-    if not cfg.u_shape and not ALGORITHMS[cfg.algorithm].whole_clients:
+    if not cfg.u_shape and not algo_cls.whole_clients:
         say(f"warning: {LABELS_WARNING}")
     device = resolve_device(cfg.device)
     source = LeanModel(cfg.model, cfg)
-    algo_cls = ALGORITHMS[cfg.algorithm]
     side = "whole" if algo_cls.whole_clients else "client"
     limits = Limits(cfg.batch_size, cfg.max_length, source.config.hidden_size, source.config.vocab_size,
                     cfg.wire_dtype, cfg.aggregation.value_bound(source.config.hidden_size), cfg.u_shape)
