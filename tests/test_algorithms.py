@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from splitlora.data import prepare_data
 from splitlora.messages import Activations
 from splitlora.models.lora import lora_state
-from splitlora.train import build_simulation, train
+from splitlora.simulation.run import build_simulation, train
 
 
 def _adapter(run_dir):

@@ -101,7 +101,7 @@ def self_signed_cert(root: Path) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_gpt2):
     """The config, the clients' CSV files, and the adapter `splitlora train` makes in one process."""
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     root = tmp_path_factory.mktemp("deploy")
     cfg = deploy_config()
@@ -217,7 +217,7 @@ def test_loopback_threads_matches_train(reference, tmp_path, monkeypatch):
 
 
 def test_loopback_bf16_matches_the_simulation_at_bf16(tmp_path, tiny_gpt2):
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     cfg = deploy_config(steps=3, clients=2, wire_dtype="bf16")
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
@@ -235,7 +235,7 @@ def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, mon
     """End to end on loopback: every message the U-shaped server receives holds floats (and the
     uint8 attention mask) only, never labels or token ids; and the adapter is the simulation's
     (`sl`: the hand-over carries the client's bottom and tail)."""
-    from splitlora.train import train
+    from splitlora.simulation.run import train
     from splitlora.transport.sessions import GrpcGrid
 
     received = []
@@ -544,7 +544,7 @@ def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_
 def test_named_clients_kill_resume_equals_train(tmp_path, tiny_gpt2, algorithm, extra):
     """`serve` + clients named alice and bob, as docs/deployment.md shows; SIGKILL the server after a
     checkpoint, --resume: the adapter equals `splitlora train`'s, every step once."""
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     cfg = deploy_config(algorithm=algorithm, clients=2, steps=10, **extra)
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")

@@ -15,7 +15,7 @@ from splitlora.config import RunConfig
 from splitlora.errors import UserError
 from splitlora.eval.generate import (evaluate_run, generate, load_adapted, reference_perplexity, resolve_data,
                                      synthetic_eval_set)
-from splitlora.train import train
+from splitlora.simulation.run import train
 
 E2E = Path(__file__).resolve().parents[2] / "shared/data/e2e"
 KEYS = {"bleu", "nist", "meteor", "rouge_l", "cider", "perplexity", "perplexity_note", "n_mrs", "n_refs", "beams",

@@ -7,8 +7,8 @@ import splitlora
 
 PACKAGE = Path(splitlora.__file__).parent
 # folder -> splitlora modules its files must not import (directly or as a submodule)
-FORBIDDEN = {"runtime": ("transport", "train", "cli", "bench", "privacy.audit"),
-             "algorithms": ("transport", "train", "cli", "bench", "privacy.audit")}
+FORBIDDEN = {"runtime": ("algorithms", "transport", "simulation", "cli", "bench", "privacy.audit"),
+             "algorithms": ("transport", "simulation", "cli", "bench", "privacy.audit")}
 
 
 def _imports(path: Path, package: tuple[str, ...]) -> set[str]:
@@ -44,5 +44,46 @@ def test_runtime_and_algorithms_do_not_import_transport_or_the_loop():
 def test_the_checker_sees_a_forbidden_import(tmp_path):
     """The scan above is not vacuous: a relative import of the transport is caught."""
     probe = tmp_path / "probe.py"
-    probe.write_text("from ..transport.wire import tensor_to_proto\nfrom . import grid\nimport splitlora.train\n")
-    assert {"transport.wire", "runtime.grid", "train"} <= _imports(probe, ("runtime",))
+    probe.write_text("from ..transport.wire import tensor_to_proto\nfrom . import grid\nimport splitlora.simulation\n")
+    assert {"transport.wire", "runtime.grid", "simulation"} <= _imports(probe, ("runtime",))
+
+
+# ---- the algorithm owns its layout -----------------------------------------------------------------
+
+ALGORITHM_NAMES = {"splitlora", "sl", "fed", "cen"}
+
+
+def _names_an_algorithm(tree: ast.AST) -> list[int]:
+    """Lines that branch on, or look up, an algorithm by name: ``x == "cen"``, ``x in ("cen", "sl")``,
+    ``ALGORITHMS["fed"]``."""
+    def named(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in ALGORITHM_NAMES
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(named(x) for x in [node.left, *node.comparators]):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and named(node.slice):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_algorithm_is_named_outside_algorithms():
+    """Which parties exist, what data each holds and what crosses is the algorithm's to say
+    (``Algorithm.parties``, ``party_items``, ``whole_clients``, ...), not a branch on its name elsewhere.
+    bench/ is left out: its experiments choose which algorithms to compare by name."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in ("algorithms", "bench") or rel.name == "registry.py":
+            continue
+        bad += [f"{rel}:{line}" for line in _names_an_algorithm(ast.parse(path.read_text()))]
+    assert not bad, bad
+
+
+def test_the_name_checker_sees_a_branch_on_a_name():
+    tree = ast.parse('if cfg.algorithm == "cen":\n    n = 1\nok = cfg.algorithm in ("x", "sl")\nA = ALGORITHMS["fed"]\n'
+                     'help = "splitlora | sl | fed | cen"\n')
+    assert _names_an_algorithm(tree) == [1, 3, 4]

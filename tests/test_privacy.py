@@ -10,7 +10,7 @@ from splitlora.config import Privacy
 from splitlora.messages import Activations, TailGrad
 from splitlora.privacy.accounting import epsilon, guarantee, releases_per_example
 from splitlora.privacy.defences import Protector, distance_correlation, nopeek_loss
-from splitlora.train import build_simulation
+from splitlora.simulation.run import build_simulation
 
 
 def test_clipping_bounds_every_token_and_keeps_small_ones():

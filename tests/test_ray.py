@@ -14,7 +14,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from splitlora.config import RayOptions
-from splitlora.train import train
+from splitlora.simulation.run import train
 
 STEP_KEYS = ("step", "loss", "lr", "tokens", "tokens_total", "bytes_up", "bytes_down", "bytes_up_total",
              "bytes_down_total", "clients")
@@ -81,9 +81,9 @@ def test_killed_client_actor_is_dropped_and_the_run_goes_on(tmp_path, tiny_gpt2,
     from splitlora.messages import Forward
     from splitlora.models.parts import SharedModel
     from splitlora.runtime.metrics import MetricsLog, read_metrics
-    from splitlora.train import run_loop
-    from splitlora.transport.ray_backend import start_clients, stop_actors
-    from splitlora.transport.ray_grid import RayGrid
+    from splitlora.runtime.loop import run_loop
+    from splitlora.simulation.ray_backend import start_clients, stop_actors
+    from splitlora.simulation.ray_grid import RayGrid
 
     cfg = tiny_config(clients=3, steps=6, aggregate_every=4, threads=1)
     actors, hosts, clients = start_clients(cfg, _options(actors=2))  # client 0 alone, clients 1 and 2 together

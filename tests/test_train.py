@@ -3,7 +3,7 @@
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from splitlora.train import train
+from splitlora.simulation.run import train
 
 
 def test_save_every_writes_peft_adapters_along_the_run(tmp_path, tiny_gpt2):

@@ -28,9 +28,11 @@ _EXPORTS = {
     "RunConfig": "config", "LoraSide": "config", "Privacy": "config", "Aggregation": "config",
     "ServeOptions": "config", "ClientOptions": "config", "RayOptions": "config", "UserError": "errors",
     # running
-    "train": "train", "RunResult": "train", "serve": "transport.serve", "run_client": "transport.remote_client",
+    "train": "simulation.run", "RunResult": "runtime.loop", "serve": "transport.serve", "run_client": "transport.remote_client",
     # writing an algorithm
     "Algorithm": "algorithms.base", "StepResult": "algorithms.base", "weighted_loss": "algorithms.base",
+    "SplitLoRA": "algorithms.splitlora", "SplitLearning": "algorithms.sl", "FedLoRA": "algorithms.fed",
+    "CentralisedLoRA": "algorithms.cen",
     "Grid": "runtime.grid", "ClientInfo": "runtime.grid", "ask_all": "runtime.grid", "gather": "runtime.grid",
     "ClientApp": "runtime.client", "Averaged": "runtime.aggregator", "fedavg": "runtime.aggregator",
     "robust_fedavg": "runtime.aggregator", "Protector": "privacy.defences", "Architecture": "models.split",

@@ -85,14 +85,14 @@ def backend_options(args: argparse.Namespace, cfg):
     opts = RayOptions(**{f.name: getattr(args, f"ray_{f.name}") for f in dataclasses.fields(RayOptions)
                          if f.metadata.get("flag")}).validate(cfg)
     if opts.ray:
-        from .transport.ray_backend import import_ray
+        from .simulation.ray_backend import import_ray
 
         import_ray()
     return opts
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .simulation.run import train
 
     cfg = resolve_config(args)
     opts = backend_options(args, cfg)

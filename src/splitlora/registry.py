@@ -41,6 +41,10 @@ class Registry(Mapping):
         self._objects[name] = obj
         return obj
 
+    def unregister(self, name: str) -> None:
+        self._objects.pop(name, None)
+        self._specs.pop(name, None)
+
     def check(self, name: str, where: str) -> None:
         """A one-line :class:`UserError` when ``name`` is unknown."""
         if name not in self:

@@ -208,7 +208,7 @@ def _loadavg() -> list[float] | None:
 
 
 def check_device(device: str) -> str:
-    """``--device`` read as ``splitlora train`` reads it (:func:`splitlora.train.resolve_device`)."""
+    """``--device`` read as ``splitlora train`` reads it (:func:`splitlora.device.resolve_device`)."""
     from ..device import resolve_device
 
     try:

@@ -12,8 +12,8 @@ from ..data import PreparedData, prepare_data
 from ..device import setup_torch
 from ..models.loading import LoadedModel, load_model
 from ..models.parts import SharedModel
-from ..train import client_apps
-from ..transport.inprocess import InProcessGrid
+from ..simulation.run import client_apps
+from ..simulation.inprocess import InProcessGrid
 from .trace import StepTracer, TokenCounter
 
 _LOADED: dict[tuple[str, str], LoadedModel] = {}

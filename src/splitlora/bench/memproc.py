@@ -167,8 +167,8 @@ def run_probe(spec: ProbeSpec) -> dict:
     from ..models.parts import LeanModel, SharedModel
     from ..runtime.client import ClientApp
     from ..runtime.server import SplitServer
-    from ..train import client_apps
-    from ..transport.inprocess import InProcessGrid
+    from ..simulation.run import client_apps
+    from ..simulation.inprocess import InProcessGrid
     from .harness import quiet_transformers
     from .trace import TokenCounter
 

@@ -2,7 +2,7 @@
 
 Every algorithm trains on the training CSVs of an E2E data folder (``../shared/data/e2e``: its
 ``devset.csv``, 4,672 rows; the official training split is not available offline) with the same
-number of training samples, through ``splitlora.train.train``. Then every test MR of
+number of training samples, through ``splitlora.train``. Then every test MR of
 ``testset_w_refs.csv`` (630) is decoded with the run's PEFT adapter and the outputs are scored with
 the project's E2E scorer (BLEU, NIST, METEOR, ROUGE-L, CIDEr, as the official script computes them).
 The base model without an adapter is decoded and scored the same way.
@@ -258,7 +258,7 @@ def run(opts: Options) -> BenchResult:
 
     from ..data import prepare_data
     from ..models.loading import load_model
-    from ..train import train
+    from ..simulation.run import train
 
     tokenizer = load_model(s.model).tokenizer if s.algorithms else None
     order = []

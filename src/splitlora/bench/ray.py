@@ -1,9 +1,9 @@
 """The Ray backend's cost: throughput vs number of client actors, against the in-process engine.
 
 For each model and each number of clients N (1, 2, 4, 8) the same ``splitlora`` run is built twice on
-this machine: in process (every party in this process, :class:`~splitlora.transport.inprocess.InProcessGrid`)
+this machine: in process (every party in this process, :class:`~splitlora.simulation.inprocess.InProcessGrid`)
 and on a local Ray cluster (N client actors, each hosting one :class:`~splitlora.runtime.client.ClientApp`;
-:class:`~splitlora.transport.ray_grid.RayGrid`). The server and the algorithm run in this process
+:class:`~splitlora.simulation.ray_grid.RayGrid`). The server and the algorithm run in this process
 in both (as they do in the server actor), so the difference per step is the engine's: Ray's task
 submission, serialisation and object transfers, and, where cores allow it, the clients' parallel
 work. After a warm-up, timed blocks alternate between the two in ABBA order.
@@ -100,8 +100,8 @@ def _on_ray(cfg: RunConfig, loaded, s: Settings, opts: Options):
     from ..algorithms import ALGORITHMS
     from ..device import setup_torch
     from ..models.parts import SharedModel
-    from ..transport.ray_backend import start_clients
-    from ..transport.ray_grid import RayGrid
+    from ..simulation.ray_backend import start_clients
+    from ..simulation.ray_grid import RayGrid
 
     ray_opts = RayOptions(backend="ray", client_cpus=0.01, server_cpus=0.0, timeout=600.0).validate(cfg)
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def _ping_ms(ray, actors, n: int) -> float:
 def measure(model: str, n: int, s: Settings, opts: Options) -> dict:
     import ray
 
-    from ..transport.ray_backend import stop_actors
+    from ..simulation.ray_backend import stop_actors
     from .harness import loaded_model
     from .memproc import rss_mib
 
@@ -167,7 +167,7 @@ def measure(model: str, n: int, s: Settings, opts: Options) -> dict:
 
 
 def run(opts: Options) -> BenchResult:
-    from ..transport.ray_backend import import_ray
+    from ..simulation.ray_backend import import_ray
 
     ray = import_ray()
     s = apply_sets(Settings.quick() if opts.quick else Settings(), opts.sets, NAME)

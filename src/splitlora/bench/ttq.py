@@ -24,7 +24,7 @@ from ..data import PreparedData
 from ..data.batching import encode_labelled
 from ..data.e2e import Example, read_e2e_csv, synthetic_e2e
 from ..data.partition import partition
-from ..train import Validator
+from ..simulation.run import Validator
 from .common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
 from .harness import build, loaded_model
 from .latency import SCENARIOS, LatencyModel, StepTrace, time_to_target

@@ -279,7 +279,7 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, opts: AuditOptions | None = N
     """Train ``cfg`` in process, attack what its server received, and write ``OUT/audit.json``."""
     from ..data import prepare_data
     from ..models.loading import load_model
-    from ..train import train
+    from ..simulation.run import train
 
     opts = opts or AuditOptions()
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """``splitlora serve``: the algorithm's server side, its clients over gRPC, checkpoints and resume.
 
 The server runs the same algorithm and the same loop as ``splitlora train``
-(:func:`splitlora.train.run_loop`); only the grid differs (:class:`~splitlora.transport.sessions.GrpcGrid`).
+(:func:`splitlora.runtime.loop.run_loop`); only the grid differs (:class:`~splitlora.transport.sessions.GrpcGrid`).
 It reads only its own part of the model (:class:`~splitlora.models.parts.LeanModel`; ``fed``: none).
 
 Faults: a client that breaks off, stays silent past ``client_timeout`` or sends something invalid is
@@ -33,7 +33,7 @@ from ..models.parts import LeanModel
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.grid import Traffic
 from ..runtime.metrics import MetricsLog
-from ..train import RunResult, Stopped, Totals, run_loop
+from ..runtime.loop import RunResult, Stopped, Totals, run_loop
 from .service import start_grpc
 from .sessions import GrpcGrid
 from .sessions import Stopped as TooFew

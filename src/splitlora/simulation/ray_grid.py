@@ -1,9 +1,9 @@
 """The grid over Ray: every client is a :class:`~splitlora.runtime.client.ClientApp` inside a Ray actor.
 
 :class:`RayGrid` implements :class:`splitlora.runtime.grid.Grid` for clients hosted by long-lived
-Ray actors (:class:`~splitlora.transport.ray_backend.ClientHost`; several clients may share one
+Ray actors (:class:`~splitlora.simulation.ray_backend.ClientHost`; several clients may share one
 actor). It holds no training logic: it hands commands to the actors and replies back, counts their
-bytes and applies the wire dtype exactly as :class:`~splitlora.transport.inprocess.InProcessGrid`
+bytes and applies the wire dtype exactly as :class:`~splitlora.simulation.inprocess.InProcessGrid`
 does, so a run's metrics rows and adapter are the in-process run's.
 
 * ``ask`` submits the command at once (an actor task: actors compute in parallel);
@@ -95,7 +95,7 @@ class RayGrid:
                 self._unchecked[c.name].append(self._submit(c, sync))
         alive = [c for c in self.clients if c.name not in self.gone]
         if len(alive) < self.min_clients:
-            from ..train import Stopped
+            from ..runtime.loop import Stopped
 
             why = "; ".join(f"{name}: {reason}" for name, reason in self.gone.items())
             raise Stopped(f"{len(alive)} clients left, fewer than min_clients={self.min_clients} ({why})")
