@@ -47,25 +47,30 @@ def _records(run_dir):
 
 
 def _options(**kw) -> RayOptions:
-    return RayOptions(backend="ray", client_cpus=0.5, server_cpus=0.5, timeout=120.0, **kw)
+    return RayOptions(backend="ray", **{"client_cpus": 0.5, "server_cpus": 0.5, "timeout": 120.0, **kw})
 
 
 CASES = {
     "splitlora-sequential": dict(algorithm="splitlora", client_lora={"rank": 4, "dropout": 0.1},
                                  server_lora={"rank": 4, "dropout": 0.1}),
-    "splitlora-batched": dict(algorithm="splitlora", server_mode="batched", wire_dtype="bf16"),
-    "sl": dict(algorithm="sl", aggregate_every=1),
-    "fed": dict(algorithm="fed", clients=3),
+    "splitlora-batched": dict(algorithm="splitlora", server_mode="batched", wire_dtype="bf16", clients=3,
+                              clients_per_round=2, aggregate_every=1),  # a seeded sample of 2 clients per round
+    "sl": dict(algorithm="sl", aggregate_every=1, clients=3),
+    "fed": dict(algorithm="fed", clients=3, clients_per_round=2),
     "cen": dict(algorithm="cen"),
 }
 ACTORS = {"fed": 2, "splitlora-batched": 1}  # several clients per actor (one shared copy of the model)
+# sl: the default reservations (1 CPU per client actor, 1 for the server) on the 2-CPU cluster: its 3
+# clients queue on the one client actor that fits
+RESERVE = {"sl": dict(client_cpus=1.0, server_cpus=1.0)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ray_run_equals_in_process_run(tmp_path, tiny_gpt2, ray_cluster, case):
     cfg = tiny_config(steps=4, threads=1, **CASES[case])
     train(cfg, tmp_path / "inprocess", progress=False, loaded=tiny_gpt2)
-    result = train(cfg, tmp_path / "ray", progress=False, backend=_options(actors=ACTORS.get(case, 0)))
+    result = train(cfg, tmp_path / "ray", progress=False, backend=_options(actors=ACTORS.get(case, 0),
+                                                                                      **RESERVE.get(case, {})))
     a, b = _adapter(tmp_path / "inprocess"), _adapter(tmp_path / "ray")
     diff = _max_diff(a, b)
     print(f"{case}: max abs diff of the adapters, ray vs in-process = {diff:.3g}")
@@ -149,3 +154,16 @@ def test_bad_backend_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys)
     assert main(["train", "--model", "tiny-gpt2", "--backend", "ray", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'splitlora[ray]'" in err
+
+
+def test_client_actors_fit_the_cluster():
+    """Without --ray-actors, as many client actors as the cluster holds; the clients queue on them."""
+    from splitlora.simulation.ray_backend import fitting_actors
+
+    defaults = RayOptions(backend="ray")  # 1 CPU per client actor, 1 for the server
+    assert fitting_actors({"CPU": 2.0}, defaults, 3) == 1
+    assert fitting_actors({"CPU": 16.0}, defaults, 3) == 3
+    assert fitting_actors({"CPU": 4.0}, _options(), 8) == 7
+    assert fitting_actors({"CPU": 8.0, "GPU": 2.0}, RayOptions(backend="ray", client_gpus=0.5, server_gpus=1.0), 5) == 2
+    assert RayOptions(backend="ray", actors=2).clients_per_actor(3) == [[0], [1, 2]]
+    assert RayOptions(backend="ray").clients_per_actor(1) == [[0]]
