@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 import threading
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -126,3 +129,28 @@ def return_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 128 << 10)) and bool(libc.mallopt(m_trim_threshold, 128 << 10))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+# ---- resource probes (benchmarks, Ray actors) ----------------------------------------------------
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float:
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    kib = _status_kib("VmHWM")
+    if kib is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kib = kib / 1024 if sys.platform == "darwin" else kib
+    return kib / 1024

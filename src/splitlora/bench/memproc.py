@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..device import peak_rss_mib, rss_mib
 
 PREFIX = "MEMPROBE "
 
@@ -52,29 +53,6 @@ class ProbeSpec:
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "splitlora.bench.memproc", json.dumps(asdict(self), separators=(",", ":"))]
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mib() -> float:
-    kib = _status_kib("VmRSS")
-    return kib / 1024 if kib is not None else peak_rss_mib()
-
-
-def peak_rss_mib() -> float:
-    kib = _status_kib("VmHWM")
-    if kib is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        kib = kib / 1024 if sys.platform == "darwin" else kib
-    return kib / 1024
 
 
 class SavedTensorMeter:

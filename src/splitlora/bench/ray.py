@@ -131,7 +131,7 @@ def measure(model: str, n: int, s: Settings, opts: Options) -> dict:
 
     from ..simulation.ray_backend import stop_actors
     from .harness import loaded_model
-    from .memproc import rss_mib
+    from ..device import rss_mib
 
     loaded = loaded_model(model, opts.device)
     cfg = _config(model, n, s, opts)

@@ -48,7 +48,7 @@ def _party_device(cfg: RunConfig, gpus: float) -> str:
 
 
 def _rss() -> dict:
-    from ..bench.memproc import peak_rss_mib, rss_mib
+    from ..device import peak_rss_mib, rss_mib
 
     return {"pid": os.getpid(), "rss_mib": rss_mib(), "peak_rss_mib": peak_rss_mib()}
 
