@@ -11,6 +11,14 @@ class UserError(Exception):
     """Bad input from the user (config, paths, data, model names). Never a bug in splitlora."""
 
 
+def require(module: str, extra: str, what: str) -> None:
+    """A one-line :class:`UserError` when the optional ``module`` (from ``splitlora[extra]``) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs {module}, which is not installed: pip install 'splitlora[{extra}]'")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad arguments are one ``error:`` line and exit code 2 (argparse would print the usage too)."""
 

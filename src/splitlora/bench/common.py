@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..errors import UserError
+from ..errors import UserError, require
 
 
 @dataclass
@@ -332,6 +332,7 @@ def save_figure(fig, opts: Options, name: str) -> str:
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed)."""
+    require("matplotlib", "plot", "the benchmark plots")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -49,7 +49,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from splitlora.errors import UserError
+from splitlora.errors import UserError, require
 
 __all__ = [
     "load_e2e_references",
@@ -322,6 +322,7 @@ def _coco_dir(sub: str) -> Path:
 
 
 def _coco_punctuation() -> frozenset[str]:
+    require("pycocoevalcap", "e2e", "the E2E metrics (PTB tokenization, ROUGE-L, CIDEr)")
     from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
     return frozenset(PUNCTUATIONS)
@@ -582,6 +583,7 @@ def corpus_rouge_l(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     The inputs should be tokenized (space-separated). For each segment the best precision and the
     best recall over its references are combined: F = (1 + b^2) P R / (R + b^2 P).
     """
+    require("pycocoevalcap", "e2e", "the E2E metrics (ROUGE-L, CIDEr)")
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts, res = _coco_dicts(hyps, refs)
@@ -594,6 +596,7 @@ def corpus_cider(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     The inputs should be tokenized. Document frequencies come from the references of this corpus,
     so one segment alone always scores 0 (every n-gram has idf log(1/1) = 0).
     """
+    require("pycocoevalcap", "e2e", "the E2E metrics (ROUGE-L, CIDEr)")
     from pycocoevalcap.cider.cider import Cider
 
     gts, res = _coco_dicts(hyps, refs)
