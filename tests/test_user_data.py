@@ -145,16 +145,53 @@ def test_column_mapping_and_data_block(tmp_path, tiny_gpt2):
     assert block.data == str(path) and block.data_format.columns == "prompt=question,completion=answer"
 
 
-def test_a_conversational_jsonl_trains(tmp_path, tiny_gpt2):
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, tiny_gpt2):
+    """A short run on a conversational JSONL, its template given as --chat-template FILE."""
     from splitlora.train import train
 
-    path = write_jsonl(tmp_path / "chat.jsonl", conv_rows(12))
-    tpl = tmp_path / "chat.jinja"
+    root = tmp_path_factory.mktemp("chat")
+    path = write_jsonl(root / "chat.jsonl", conv_rows(12))
+    tpl = root / "chat.jinja"
     tpl.write_text(CHAT)
     cfg = cfg_for(path, val_fraction=0.2, steps=2, data_format={"chat_template": str(tpl)})
     assert cfg.data_format.chat_template == CHAT  # the file's text travels in the config
-    result = train(cfg, tmp_path / "run", progress=False, loaded=tiny_gpt2)
+    return train(cfg, root / "run", progress=False, loaded=tiny_gpt2), root
+
+
+def test_a_conversational_jsonl_trains(chat_run):
+    result, _ = chat_run
     assert np.isfinite(result.val_loss) and (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_eval_on_the_users_task(chat_run, monkeypatch):
+    """Predictions JSONL (one per row, written before scoring), then loss, perplexity, BLEU, ROUGE-L, EM."""
+    from splitlora.eval import task
+    from splitlora.eval.generate import evaluate_run
+
+    result, root = chat_run
+    test = write_jsonl(root / "test.jsonl", conv_rows(3))
+    out = evaluate_run(result.out_dir, data=str(test), beams=1, max_new_tokens=3, progress=False, show=False)
+    rows = [json.loads(line) for line in (result.out_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == ["Yes, under 20 pounds.", "Aromi is a pub.", "Yes, under 20 pounds."]
+    assert rows[1]["prompt"] == "<|user|>name[Aromi], eatType[pub]<|end|>\n<|assistant|>"
+    assert out["n_rows"] == 3 and out["perplexity"] == pytest.approx(np.exp(out["loss"]))
+    assert {k: out[k] is not None for k in task.TASK_METRICS} == dict.fromkeys(task.TASK_METRICS, True)
+    (result.out_dir / "predictions.jsonl").unlink()
+    monkeypatch.setattr(task, "score_task", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        evaluate_run(result.out_dir, data=str(test), beams=1, max_new_tokens=2, progress=False, show=False)
+    assert len((result.out_dir / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+def test_task_scores():
+    from splitlora.eval.task import score_task
+
+    refs = ["the cat sat on the mat all day", "a dog ran in the park at noon"]
+    same = score_task(list(refs), refs)
+    assert same == pytest.approx({"bleu": 100.0, "rouge_l": 100.0, "exact_match": 100.0})
+    half = score_task([refs[0], "nothing"], refs)
+    assert half["exact_match"] == 50.0 and half["rouge_l"] == pytest.approx(50.0) and 0 < half["bleu"] < 100
 
 
 # ---- partitions and validation data -------------------------------------------------------------
