@@ -260,6 +260,12 @@ def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, mon
     if algorithm == "sl":
         assert kinds.count("handover") >= 1
 
+    assert_no_label_or_token(received)
+
+
+def assert_no_label_or_token(received) -> None:
+    """Every tensor the server received is float32 (or the uint8 attention mask): no labels, no ids."""
+
     def tensors(msg):
         for field, value in msg.ListFields():
             for item in (value if field.is_repeated else [value]):
@@ -272,6 +278,34 @@ def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, mon
     assert seen and not [n for n, _ in seen if n == "labels"]
     assert {d for n, d in seen if n != "attention_mask"} == {pb.FLOAT32}
     assert {d for n, d in seen if n == "attention_mask"} == {pb.UINT8}
+
+
+def test_u_shape_conversational_jsonl_sends_no_label_or_token(tmp_path, tiny_gpt2, monkeypatch):
+    """Each client reads its own conversational JSONL (chat template, loss on assistant turns): the
+    U-shaped server still receives floats and the mask only, and the adapter is the simulation's."""
+    from test_user_data import CHAT, conv_rows, write_jsonl
+    from splitlora.data import prepare_data
+    from splitlora.train import train
+    from splitlora.transport.sessions import GrpcGrid
+
+    received = []
+    real = GrpcGrid.exchange
+
+    def exchange(self, name, msg, wire_bytes, active):
+        received.append(pb.ClientMessage.FromString(msg.SerializeToString()))
+        return real(self, name, msg, wire_bytes, active)
+
+    monkeypatch.setattr(GrpcGrid, "exchange", exchange)
+    path = write_jsonl(tmp_path / "chat.jsonl", conv_rows(12))
+    cfg = deploy_config(clients=2, steps=3, aggregate_every=2, split_shape="u-shape", tail_layers=1, cut_layer=1,
+                        data=str(path), max_length=96, data_format={"chat_template": CHAT})
+    data = prepare_data(cfg, tiny_gpt2.tokenizer)
+    files = [write_jsonl(tmp_path / f"site_{i}.jsonl", [{"messages": data.train_rows[j]["messages"]} for j in ix])
+             for i, ix in enumerate(data.client_indices)]
+    sim = train(cfg, tmp_path / "train", progress=False)
+    out = run_loopback(cfg, files, tmp_path / "loop", mode="threads", timeout=240)
+    assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) == 0
+    assert_no_label_or_token(received)
 
 
 class ThreadServer:

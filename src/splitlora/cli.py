@@ -19,10 +19,11 @@ def config_flags() -> dict[str, tuple[str, type, str]]:
     import dataclasses
     import typing
 
-    from .config import Aggregation, LoraSide, Privacy, RunConfig
+    from .config import Aggregation, DataFormat, LoraSide, Privacy, RunConfig
 
     out: dict[str, tuple[str, type, str]] = {}
-    for cls, prefix in ((RunConfig, ""), (LoraSide, "*lora."), (Privacy, "privacy."), (Aggregation, "aggregation.")):
+    for cls, prefix in ((RunConfig, ""), (LoraSide, "*lora."), (Privacy, "privacy."), (Aggregation, "aggregation."),
+                        (DataFormat, "data_format.")):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = f.metadata.get("flag")

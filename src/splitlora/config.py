@@ -132,16 +132,45 @@ class Aggregation:
 
 
 @dataclass
+class DataFormat:
+    """How the rows of ``data`` are read (see docs/data.md). In a YAML config, ``data:`` may also be a
+    block holding these keys and ``path``."""
+
+    columns: str = option("", "column mapping NAME=COLUMN,... onto prompt, completion, messages, text, mr, "
+                              "ref (e.g. prompt=question,completion=answer); empty: detected from the columns",
+                          flag="--columns")
+    chat_template: str = option("", "a Jinja chat template, or a file holding one (read into the config), for "
+                                    "`messages` rows; empty: the tokenizer's own", flag="--chat-template")
+    val_data: str = option("", "validation rows (any format --data takes); empty: val_fraction of --data",
+                           flag="--val-data")
+
+    def validate(self) -> None:
+        if self.chat_template and "{" not in self.chat_template:
+            path = Path(self.chat_template).expanduser()
+            if not path.is_file():
+                raise UserError(f"chat template file not found: {self.chat_template}")
+            try:
+                self.chat_template = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserError(f"chat template file {path}: cannot read it as UTF-8 text ({exc})") from None
+        from .data.rows import parse_columns  # local import: data imports config
+
+        parse_columns(self.columns)
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a run. Defaults are the default job (``splitlora train``)."""
 
     algorithm: str = option("splitlora", "splitlora | sl | fed | cen (see README, Algorithms)", flag="--algorithm")
     model: str = option("smollm2-135m", "a preset (smollm2-135m, tiny-gpt2, tiny-llama, gpt2-small, gpt2-medium), "
                                         "a local model directory, a .gguf file or a hub id", flag="--model")
-    data: str = option("synthetic", "synthetic, an E2E CSV file (columns mr, ref) or a folder of them",
-                       flag="--data")
+    data: str = option("synthetic", "synthetic, a .jsonl/.json/.csv/.parquet file, a folder of them, a "
+                                    "save_to_disk folder or a hub id (online only); rows: prompt/completion, "
+                                    "messages, text or E2E mr/ref", flag="--data")
+    data_format: DataFormat = option(help="columns, chat template and validation data", factory=DataFormat)
     synthetic_examples: int = option(600, "rows of the synthetic data set")
-    val_fraction: float = option(0.05, "fraction of MRs held out for the validation loss")
+    val_fraction: float = option(0.05, "fraction of prompts (E2E: MRs) held out for the validation loss")
     max_length: int = option(128, "tokens per example (prompt + completion), longer ones are cut",
                              flag="--max-length")
     prompt_template: str = option("{mr}\nDescription:", "the prompt; {mr} is the meaning representation")
@@ -154,8 +183,9 @@ class RunConfig:
     tail_layers: int = option(1, "T, with split_shape u-shape: the client also runs blocks L-T..L-1 (T >= 0)",
                               flag="--tail-layers")
     partition: str = option("iid", "how the training data is split over clients: iid, contiguous or "
-                                   "dirichlet:ALPHA (non-IID by partition_key)", flag="--partition")
-    partition_key: str = option("eatType", "the MR slot that dirichlet partitions by")
+                                   "dirichlet:ALPHA (non-IID by partition_key), column:NAME (one client per "
+                                   "value) or files (a folder: one client per file)", flag="--partition")
+    partition_key: str = option("eatType", "the column (E2E: the MR slot) that dirichlet partitions by")
     steps: int = option(40, "engine steps (one local step of every client; sl: of the active client)",
                         flag="--steps")
     batch_size: int = option(8, "examples per client batch", flag="--batch-size")
@@ -220,6 +250,7 @@ class RunConfig:
         parse_partition(self.partition)
         if "{mr}" not in self.prompt_template:
             raise UserError("prompt_template must contain {mr}")
+        self.data_format.validate()
         if self.server_device_map is not None:
             parse_device_map(self.server_device_map)
         self.client_lora.validate("client_lora")
@@ -246,6 +277,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict):  # a `data:` block
+            block = dict(raw["data"])
+            raw = {**raw, "data": block.pop("path", "synthetic"),
+                   "data_format": {**(raw.get("data_format") or {}), **block}}
         return build_dataclass(cls, raw, "").validate()
 
     @classmethod

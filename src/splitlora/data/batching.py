@@ -77,7 +77,9 @@ class BatchStream:
     def __init__(self, items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int):
         if not items:
             raise ValueError("BatchStream needs at least one item")
-        self.items, self.batch_size, self.pad_id = list(items), batch_size, pad_id
+        # An Arrow-backed sequence is read row by row; anything else is copied once.
+        self.items = items if hasattr(items, "subset") else list(items)
+        self.batch_size, self.pad_id = batch_size, pad_id
         self.rng = np.random.default_rng(seed)
         self._iter = self._batches()
 

@@ -1,4 +1,9 @@
-"""Split a data set across clients: ``iid``, ``contiguous`` or ``dirichlet:ALPHA`` (non-IID by a key)."""
+"""Split a data set across clients: ``iid``, ``contiguous`` or ``dirichlet:ALPHA`` (non-IID by a key).
+
+``column:NAME`` (one client per distinct value, as flwr-datasets' NaturalIdPartitioner) and ``files``
+(a folder of per-site files, one client per file) follow the data itself: :func:`splitlora.data.prepare_data`
+builds them.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,12 @@ from ..errors import UserError
 
 
 def parse_partition(spec: str) -> tuple[str, float | None]:
-    if spec in ("iid", "contiguous"):
+    if spec in ("iid", "contiguous", "files"):
         return spec, None
+    if spec.startswith("column:"):
+        if not spec.split(":", 1)[1].strip():
+            raise UserError("partition column:NAME needs a column name")
+        return "column", None
     if spec.startswith("dirichlet:"):
         try:
             alpha = float(spec.split(":", 1)[1])
@@ -20,7 +29,7 @@ def parse_partition(spec: str) -> tuple[str, float | None]:
         if alpha <= 0:
             raise UserError(f"partition dirichlet:ALPHA needs ALPHA > 0 (got {spec!r})")
         return "dirichlet", alpha
-    raise UserError(f"partition must be iid, contiguous or dirichlet:ALPHA (got {spec!r})")
+    raise UserError(f"partition must be iid, contiguous, dirichlet:ALPHA, column:NAME or files (got {spec!r})")
 
 
 def partition(n_items: int, n_clients: int, spec: str, seed: int,
@@ -31,6 +40,8 @@ def partition(n_items: int, n_clients: int, spec: str, seed: int,
     proportions drawn from Dir(ALPHA); small ALPHA = strongly non-IID.
     """
     kind, alpha = parse_partition(spec)
+    if kind in ("column", "files"):
+        raise ValueError(f"partition {spec} is built from the data (splitlora.data.prepare_data)")
     if n_items < n_clients:
         raise UserError(f"{n_items} training examples cannot be split over {n_clients} clients")
     rng = np.random.default_rng(seed)

@@ -23,6 +23,12 @@ Which data: --data, else the run's config.yaml `data`.
                  replaced by the --split file next to it
 References are grouped by consecutive identical MR, as the official E2E scripts do (630 MRs on
 the E2E test set).
+
+Your own rows (--data test.jsonl, .json, .parquet, a non-E2E CSV, a folder or save_to_disk folder;
+default: the run's --val-data): every row's prompt is decoded (a conversation up to its last
+assistant turn, through the chat template), DIR/predictions.jsonl gets {prompt, reference,
+prediction} per row before scoring, and DIR/eval.json holds loss and perplexity of the references,
+sacreBLEU, ROUGE-L F1 and exact match.
 """
 
 
@@ -58,10 +64,11 @@ def register(sub) -> None:
                        description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, metavar="DIR", help="a run folder written by `splitlora train`")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="'synthetic', an E2E CSV file or a folder of them (default: the run's data)")
+                   help="'synthetic', an E2E CSV file or folder, or your own rows (.jsonl, .json, .csv, .parquet, "
+                        "a folder) (default: the run's data)")
     p.add_argument("--split", default="test", choices=("test", "dev"),
                    help="with a data folder: test = testset_w_refs.csv, dev = devset.csv (default: test)")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="first N distinct MRs only")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="first N distinct MRs (or rows) only")
     p.add_argument("--beams", type=_positive, default=10, help="beam size, 1 = greedy (default: 10)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="output length cap (default: 64)")
     p.add_argument("--batch-size", type=_positive, default=8, help="MRs decoded together (default: 8)")

@@ -250,6 +250,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml)")
     cfg = RunConfig.load(run / "config.yaml")
+    from .task import evaluate_task, is_user_task
+
+    task = is_user_task(cfg, data)
+    if task is not None:  # the user's own rows: BLEU, ROUGE-L, exact match, loss (E2E keeps its five)
+        return evaluate_task(run, cfg, task, limit=limit, beams=beams, progress=progress,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, show=show)
     source = resolve_data(cfg.data, data, split)
     evalset = None if source == "synthetic" else csv_eval_set(source)  # bad data fails before the model loads
     setup_torch(cfg.seed, cfg.threads)  # threads, seed, deterministic kernels

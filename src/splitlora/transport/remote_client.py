@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ..algorithms import ALGORITHMS
 from ..config import ClientOptions, RunConfig, check_client_name
-from ..data.batching import encode_all
-from ..data.e2e import load_e2e
+from ..data import encode_data_file
+from ..data.rows import load_rows
 from ..device import resolve_device, setup_torch
 from ..errors import UserError
 from ..messages import Backward, Finish, LocalStep
@@ -91,7 +91,7 @@ class RemoteClient:
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> ClientResult:
         try:
-            self.examples = load_e2e(self.opts.data)  # bad data fails before anything is sent
+            load_rows(self.opts.data)  # unreadable data fails before anything is sent
             spec = self._reachable(lambda: self._hello(join=False))
             if spec.finished:
                 self._say("the run is already finished")
@@ -150,9 +150,7 @@ class RemoteClient:
         if spec.base_fingerprint and spec.base_fingerprint != self.fingerprint:
             raise UserError(f"model {cfg.model!r} here differs from the server's (weights fingerprint)")
         part = source.lora_part(side, state={}, device=self._device(cfg))  # the state comes with Sync
-        items = encode_all(self.examples, source.tokenizer, cfg.prompt_template, cfg.max_length)
-        if not items:
-            raise UserError(f"{self.opts.data}: no example has completion tokens within max_length {cfg.max_length}")
+        items = encode_data_file(cfg, source.tokenizer, self.opts.data)
         self.app = ClientApp(self.name, int(spec.index), part, items, cfg, whole, source.pad_id, source.num_blocks)
         hidden = source.config.hidden_size
         self.limits = Limits(cfg.batch_size, cfg.max_length, hidden, source.config.vocab_size, cfg.wire_dtype,
