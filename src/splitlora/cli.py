@@ -39,7 +39,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="override any config key, e.g. --set client_lora.rank=4 (repeatable)")
     for flag, (key, typ, text) in config_flags().items():
         where = "both sides' LoRA: " if key.startswith("*lora.") else ""
-        p.add_argument(flag, type=typ, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]")
+        extra = dict(action="store_const", const=True) if typ is bool else dict(type=typ)  # a switch: --flag
+        p.add_argument(flag, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]",
+                       **extra)
 
 
 def resolve_config(args: argparse.Namespace):
