@@ -58,7 +58,7 @@ class Optimizer:
         """The loss (or the upstream gradient) this party's backward starts from, scaled (in fp32
         first, so that no small value underflows before it is), in ``dtype`` if given."""
         if self.scaler.is_enabled():
-            t = t.float() * self.loss_scale
+            t = self.scaler.scale(t.float())
         return t if dtype is None else t.to(dtype)
 
     def unscale(self, grad: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""Real model sizes: lean loading of sharded checkpoints, merged export, quantized bases."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from splitlora.models.loading import gpt2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny Llama saved in bf16 in many shards (one block or so per shard), with a tokenizer."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50257,
+                                         max_position_embeddings=64, tie_word_embeddings=False,
+                                         pad_token_id=50256)).to(torch.bfloat16)
+    out = tmp_path_factory.mktemp("sharded")
+    model.save_pretrained(out, max_shard_size="40KB")
+    gpt2_tokenizer().save_pretrained(out)
+    return out, model
+
+
+def _recording_opens(monkeypatch):
+    opened = []
+    real = pathlib.Path.open
+
+    def record(self, *args, **kwargs):
+        if self.name.endswith(".safetensors"):
+            opened.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", record)
+    return opened
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_lean_loading_of_a_sharded_checkpoint_opens_only_the_party_shards(sharded, monkeypatch, side):
+    from splitlora.models.lean import file_keys, lean_part, lean_skeleton
+    from splitlora.models.split import make_part
+
+    path, model = sharded
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) >= 4  # really sharded
+    meta, _, index = lean_skeleton(str(path))
+    need = {weight_map[k] for k in file_keys(make_part(meta, side, 1), meta, index)}
+    opened = _recording_opens(monkeypatch)
+    part = lean_part(meta, index, side, 1, torch.bfloat16)
+    assert set(opened) == need and set(weight_map.values()) - need  # its shards, and not the others
+    assert {p.name for p in index.opened} == need  # headers too: one read per shard it needs
+    ref = dict(model.named_parameters())
+    for name, p in part.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, ref[name]), name
