@@ -54,3 +54,31 @@ def test_lean_loading_of_a_sharded_checkpoint_opens_only_the_party_shards(sharde
     ref = dict(model.named_parameters())
     for name, p in part.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, ref[name]), name
+
+
+def test_export_merges_the_adapter_into_a_plain_model(tmp_path, tiny_gpt2):
+    """The merged model's logits equal base + adapter (PEFT) within 1e-5 in fp32; it loads without PEFT."""
+    from conftest import tiny_config
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from splitlora.cli import main
+    from splitlora.train import train
+
+    train(tiny_config(algorithm="cen", steps=3, synthetic_examples=12, lr=5e-2), tmp_path / "run", progress=False,
+          loaded=tiny_gpt2)
+    assert main(["export", "--run", str(tmp_path / "run"), "--merge", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("Hello world")["input_ids"] == [15496, 995]
+    from splitlora.models.loading import load_model
+
+    with_adapter = PeftModel.from_pretrained(load_model("tiny-gpt2").model, str(tmp_path / "run" / "adapter")).eval()
+    ids = torch.tensor([[15496, 995, 11, 314, 716, 257]])
+    with torch.no_grad():
+        want, got = with_adapter(ids).logits, merged.eval()(ids).logits
+        base = tiny_gpt2.model.eval()(ids).logits
+    assert float((want - base).abs().max()) > 1e-3  # the adapter changes the output
+    assert float((got - want).abs().max()) <= 1e-5
+    # A second export into a non-empty folder is refused with one line.
+    assert main(["export", "--run", str(tmp_path / "run"), "--merge", str(tmp_path / "merged")]) == 2

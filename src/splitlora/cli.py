@@ -139,7 +139,8 @@ _EXTRA_COMMANDS: list[Callable] = []
 def _register_optional() -> None:
     import importlib
 
-    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.privacy.cli", "splitlora.bench_cli"):
+    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.privacy.cli", "splitlora.bench_cli",
+                   "splitlora.export_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
