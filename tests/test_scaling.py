@@ -82,3 +82,37 @@ def test_export_merges_the_adapter_into_a_plain_model(tmp_path, tiny_gpt2):
     assert float((got - want).abs().max()) <= 1e-5
     # A second export into a non-empty folder is refused with one line.
     assert main(["export", "--run", str(tmp_path / "run"), "--merge", str(tmp_path / "merged")]) == 2
+
+
+def _quantized_run(tmp_path, device):
+    """Clients in NF4, the server in LLM.int8, both computing in bf16 (tiny Llama): returns the result
+    and the parts' layer types."""
+    from conftest import tiny_config
+
+    from splitlora.models.loading import load_model
+    from splitlora.train import build_simulation, train
+
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_config(model="tiny-llama", algorithm="splitlora", quantize="nf4", server_quantize="int8", dtype="bf16",
+                      steps=8, clients=1, synthetic_examples=24, lr=1e-2, device=device)
+    loaded = load_model("tiny-llama")
+    _, _, grid, algo = build_simulation(cfg, loaded)
+    client = next(iter(grid.apps.values())).part
+    kinds = {side: {type(m.base_layer).__name__ for n, m in part.named_modules() if n.endswith("q_proj")}
+             for side, part in (("client", client), ("server", algo.server.part))}
+    lora = {p.dtype for part in (client, algo.server.part) for n, p in part.named_parameters() if "lora_" in n}
+    return train(cfg, tmp_path / "run", progress=False, loaded=loaded), kinds, lora
+
+
+def test_a_quantized_base_trains_on_the_cpu(tmp_path):
+    """bitsandbytes' CPU backend: LoRA trains through an NF4 (client) and an int8 (server) frozen base."""
+    result, kinds, lora = _quantized_run(tmp_path, "cpu")
+    assert kinds == {"client": {"Linear4bit"}, "server": {"Linear8bitLt"}} and lora == {torch.float32}
+    assert result.last_loss < result.first_loss
+
+
+@pytest.mark.cuda
+def test_a_quantized_base_trains_on_cuda(tmp_path):
+    result, kinds, _ = _quantized_run(tmp_path, "cuda")
+    assert kinds == {"client": {"Linear4bit"}, "server": {"Linear8bitLt"}}
+    assert result.last_loss < result.first_loss
