@@ -116,3 +116,22 @@ def test_a_quantized_base_trains_on_cuda(tmp_path):
     result, kinds, _ = _quantized_run(tmp_path, "cuda")
     assert kinds == {"client": {"Linear4bit"}, "server": {"Linear8bitLt"}}
     assert result.last_loss < result.first_loss
+
+
+def test_bench_gpu_dry_run(tmp_path, monkeypatch):
+    """`splitlora bench gpu --dry-run`: the GPU check's own code, on the CPU on a tiny Llama-3-shaped model."""
+    from splitlora.cli import main
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])  # where tests/ is: it runs the cuda tests
+    assert main(["bench", "gpu", "--dry-run", "--quiet", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "gpu.json").read_text())
+    throughput, device_map, tests = (t["rows"] for t in out["tables"])
+    runs = [r["run"] for r in throughput]
+    assert runs[0] == "plain PEFT (unsplit)" and len(runs) == 9
+    assert {f"splitlora {n}c {m} {s}" for n in (1, 4) for m in ("sequential", "batched")
+            for s in ("two-part", "u-shape")} == set(runs[1:])
+    assert all(r["tok_s"] > 0 and r["ratio"] > 0 for r in throughput)
+    assert all(r["client_weights_gib"] > 0 for r in throughput[1:])
+    assert device_map[0]["first_block_on"] == "cpu"
+    assert tests[0]["failed"] == 0 and tests[0]["skipped"] >= 1  # no GPU here: the cuda tests skip
+    assert "| plain PEFT (unsplit) |" in (tmp_path / "gpu.md").read_text()
