@@ -31,15 +31,11 @@ from ..config import RunConfig
 from ..data.batching import BatchStream
 from ..models.loading import LoadedModel, gpt2_tokenizer, load_model
 from ..models.precision import TORCH_DTYPES, enable_checkpointing
+from .bigmodel import llama3_config
 from .common import BenchResult, Options, Table, Target, apply_sets, log, median
 from .harness import build, quiet_transformers, synchronize
 
 NAME = "gpu"
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False)
-
-
 @dataclass
 class Settings:
     models: list[str] = field(default_factory=lambda: ["llama3-8b-shaped", "smollm2-135m"])
@@ -62,13 +58,9 @@ class Settings:
 
 def _model(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
     if name.startswith("llama3-8b-shaped"):  # random weights, built directly on the device in the target dtype
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        shape = dict(LLAMA3_8B)
-        if name.endswith("@tiny"):  # the dry run: the same code, Llama-3's proportions at 1/64 of the width
-            shape.update(hidden_size=64, intermediate_size=224, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=1, vocab_size=50257)
-        config = LlamaConfig(**shape, pad_token_id=0)
+        config = llama3_config(tiny=name.endswith("@tiny"))  # @tiny: the dry run's, the same code
         with torch.device(device):
             model = LlamaForCausalLM._from_config(config, dtype=dtype)
         return LoadedModel(model.requires_grad_(False), gpt2_tokenizer(), name)
