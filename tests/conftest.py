@@ -34,3 +34,15 @@ def tiny_gpt2():
     from splitlora.models.loading import load_model
 
     return load_model("tiny-gpt2")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests run only where a CUDA GPU is (``splitlora bench gpu`` runs them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -40,7 +40,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="override any config key, e.g. --set client_lora.rank=4 (repeatable)")
     for flag, (key, typ, text) in config_flags().items():
         where = "both sides' LoRA: " if key.startswith("*lora.") else ""
-        p.add_argument(flag, type=typ, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]")
+        extra = dict(action="store_const", const=True) if typ is bool else dict(type=typ)  # a switch: --flag
+        p.add_argument(flag, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]",
+                       **extra)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -138,7 +140,8 @@ _EXTRA_COMMANDS: list[Callable] = []
 def _register_optional() -> None:
     import importlib
 
-    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.privacy.cli", "splitlora.bench_cli"):
+    for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.privacy.cli", "splitlora.bench_cli",
+                   "splitlora.export_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

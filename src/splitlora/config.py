@@ -32,6 +32,10 @@ SERVER_MODES = ("sequential", "batched")
 SPLIT_SHAPES = ("two-part", "u-shape")
 OUTLIER_ACTIONS = ("reject", "clip")
 BACKENDS = ("inprocess", "ray")
+# Precision of a party's frozen base and its compute (LoRA and its optimiser stay fp32), and its
+# quantized-base options (models/precision.py maps them to torch and to a quantizer).
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZE = ("nf4", "int8")
 # accelerate's named strategies for a device map (``server_device_map``)
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # Client names: what a token file line and --client-id accept.
@@ -218,6 +222,19 @@ class RunConfig:
     eval_every: int = option(0, "validation loss every N steps (0: only at the end)", flag="--eval-every")
     save_every: int = option(0, "also save the adapter every N steps to DIR/adapters/step-N (0: only at the end)")
     threads: int = option(0, "torch intra-op threads (0: torch's default)", flag="--threads")
+    # ---- precision and memory of each party (models/precision.py) ----
+    dtype: str = option("fp32", "dtype of the frozen base weights and the compute of the clients (and of the "
+                                "whole model for fed/cen): fp32, bf16 or fp16 (fp16 with a loss scaler); LoRA "
+                                "weights and optimiser state stay fp32", flag="--dtype")
+    server_dtype: str | None = option(None, "the same for the main server's part (null: as dtype)",
+                                      flag="--server-dtype")
+    gradient_checkpointing: bool = option(False, "recompute each block's activations in backward instead of keeping "
+                                                 "them (every party; less memory, ~1.3x time)",
+                                          flag="--gradient-checkpointing")
+    quantize: str | None = option(None, "quantize the clients' frozen linear layers: nf4 or int8 (bitsandbytes on "
+                                        "CUDA; see docs/scaling.md for the CPU); null: off", flag="--quantize")
+    server_quantize: str | None = option(None, "the same for the main server's part (null: off)",
+                                         flag="--server-quantize")
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -253,6 +270,10 @@ class RunConfig:
         self.data_format.validate()
         if self.server_device_map is not None:
             parse_device_map(self.server_device_map)
+        for name, allowed in (("dtype", COMPUTE_DTYPES), ("server_dtype", COMPUTE_DTYPES), ("quantize", QUANTIZE),
+                              ("server_quantize", QUANTIZE)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
         self.privacy.validate()

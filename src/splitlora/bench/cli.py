@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a benchmark setting, e.g. --set models=gpt2-small --set clients=1,16 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--dry-run", action="store_true",
+                   help="gpu: the same code on the CPU on a tiny model, in seconds (--quick --device cpu)")
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -35,8 +37,9 @@ def options(args: argparse.Namespace) -> Options:
         sets[key.strip()] = value.strip()
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0 (got {args.threads})")
-    return Options(out=Path(args.out), device=args.device, quick=args.quick, threads=args.threads, sets=sets,
-                   progress=not args.quiet)
+    dry = getattr(args, "dry_run", False)
+    return Options(out=Path(args.out), device="cpu" if dry else args.device, quick=args.quick or dry,
+                   threads=args.threads, sets=sets, progress=not args.quiet)
 
 
 def run(args: argparse.Namespace) -> int:

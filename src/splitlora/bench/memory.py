@@ -38,6 +38,15 @@ class Settings:
     deployed_model: str = "gpt2-medium"  # "" = no deployed-client row
     deployed_steps: int = 3
     target_deployed: float = 1.15  # deployed client peak RSS / (baseline + its tensors)
+    # The client of a Llama-3-8B-shaped model truncated to big_blocks blocks (random bf16 weights,
+    # written to big_model_dir first if absent; "" = no such rows), one probe per variant:
+    # DTYPE[+ckpt][+nf4|+int8].
+    big_model_dir: str = ""
+    big_blocks: int = 6
+    big_variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp32+ckpt", "bf16+ckpt", "bf16+int8",
+                                                             "bf16+nf4"])
+    big_batch_size: int = 8
+    big_max_length: int = 64
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -93,6 +102,8 @@ def run(opts: Options) -> BenchResult:
         "smollm2-135m that is 49152 x 576 fp32 = 108 MiB of the client's weights at any cut.",
     ]
     result.plots.append(_plot(rows, key, label, s, opts))
+    if s.big_model_dir:
+        _big_rows(s, opts, result)
     if s.deployed_model:
         row = _deployed(s, opts)
         result.tables.append(Table(f"The deployed client process ({s.deployed_model}, cut {s.target_cut})", [
@@ -108,6 +119,53 @@ def run(opts: Options) -> BenchResult:
             "the client probe's baseline (imports incl. grpc, tokenizer, data) plus its tensors (part, LoRA, AdamW "
             "state, peak saved activations). The client reads only its own tensors from the safetensors file.")
     return result
+
+
+def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
+    """Peak RSS of the client at cut ``target_cut`` per precision, against its budget: import baseline
+    + its part's weights in that dtype + LoRA + AdamW state + peak saved activations."""
+    from .bigmodel import llama3_config, write_random_checkpoint
+
+    path = write_random_checkpoint(s.big_model_dir, llama3_config(blocks=s.big_blocks))
+    rows = []
+    for variant in s.big_variants:
+        dtype, *flags = variant.split("+")
+        quant = next((f for f in flags if f in ("nf4", "int8")), None)
+        spec = ProbeSpec(role="client", model=str(path), cut=s.target_cut, batch_size=s.big_batch_size,
+                         max_length=s.big_max_length, warmup=1, steps=1, threads=opts.threads, device=opts.device,
+                         dtype=dtype, gradient_checkpointing="ckpt" in flags, quantize=quant)
+        r = probe_all([spec])[0]  # one at a time: each holds GBs
+        budget = r["baseline_rss_mib"] + r["tensors_mib"]
+        rows.append({"variant": variant, **{k: v for k, v in r.items() if k != "spec"}, "budget_mib": budget,
+                     "ratio": r["peak_rss_mib"] / budget, "s_per_step": r["seconds"],
+                     "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": "",
+                                                    "big_model_dir": s.big_model_dir, "big_variants": variant})})
+        if opts.progress:
+            log(f"[memory] 8B-shaped client {variant}: peak RSS {r['peak_rss_mib']:,.0f} MiB, budget {budget:,.0f} "
+                f"MiB ({rows[-1]['ratio']:.3f}), {r['seconds']:.1f} s/step")
+        result.targets.append(Target(f"8B-shaped client at cut {s.target_cut}, {variant}: peak RSS / budget",
+                                     rows[-1]["ratio"], s.target_deployed, "<="))
+    by = {r["variant"]: r for r in rows}
+    for r in rows:  # checkpointing's cost in time and what it saves, against the same dtype without it
+        plain = by.get(r["variant"].replace("+ckpt", "")) if "+ckpt" in r["variant"] else None
+        if plain:
+            r["time_vs_plain"] = r["s_per_step"] / plain["s_per_step"]
+            r["activations_saved_mib"] = plain["activations_peak_mib"] - r["activations_peak_mib"]
+            r["rss_saved_mib"] = plain["peak_rss_mib"] - r["peak_rss_mib"]
+    result.tables.append(Table(
+        f"Client at cut {s.target_cut} of a Llama-3-8B-shaped model ({s.big_blocks} blocks), batch "
+        f"{s.big_batch_size} x up to {s.big_max_length} tokens", [
+            ("variant", "variant", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
+            ("baseline_rss_mib", "import baseline", ",.0f"), ("weights_mib", "part weights", ",.0f"),
+            ("lora_mib", "LoRA", ",.1f"), ("optimizer_mib", "AdamW", ",.1f"),
+            ("activations_peak_mib", "activations", ",.0f"), ("budget_mib", "budget (sum)", ",.0f"),
+            ("ratio", "RSS / budget", ".3f"), ("s_per_step", "s/step", ".1f"), ("time_vs_plain", "time vs no ckpt", ".2f"),
+            ("rss_saved_mib", "RSS saved by ckpt", ",.0f"), ("command", "command", "code")], rows))
+    result.notes.append(
+        "8B-shaped client: one fresh `memproc` client process per row (lean read of its own tensors: embeddings "
+        "128256 x 4096 and blocks 0-1, 2.36B-parameter checkpoint in bf16 on disk), trained against a fake "
+        "upstream gradient; budget = import baseline + part weights in that dtype (quantized: bitsandbytes' "
+        "packed weights; embeddings and norms stay bf16) + LoRA + AdamW state + peak bytes saved for backward.")
 
 
 def _deployed(s: Settings, opts: Options) -> dict:

@@ -50,6 +50,9 @@ class ProbeSpec:
     device: str = "cpu"
     seed: int = 0
     server_mode: str = "sequential"
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    quantize: str | None = None
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "splitlora.bench.memproc", json.dumps(asdict(self), separators=(",", ":"))]
@@ -155,7 +158,9 @@ def run_probe(spec: ProbeSpec) -> dict:
     algorithm = {"client": "splitlora", "server": "splitlora"}.get(spec.role, spec.role)
     cfg = RunConfig(algorithm=algorithm, model=spec.model, clients=spec.clients, cut_layer=spec.cut,
                     batch_size=spec.batch_size, max_length=spec.max_length, steps=max(spec.warmup, 1) + spec.steps,
-                    threads=spec.threads, seed=spec.seed, server_mode=spec.server_mode, device=spec.device).validate()
+                    threads=spec.threads, seed=spec.seed, server_mode=spec.server_mode, device=spec.device,
+                    dtype=spec.dtype, gradient_checkpointing=spec.gradient_checkpointing,
+                    quantize=spec.quantize).validate()
     setup_torch(cfg.seed, cfg.threads)
     if spec.role in ("cen", "splitlora"):
         meta_model, tok, index = lean_skeleton(spec.model)

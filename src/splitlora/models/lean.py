@@ -32,33 +32,57 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 class SafetensorsIndex:
-    """Where each tensor of a (possibly sharded) safetensors checkpoint lives."""
+    """Where each tensor of a (possibly sharded) safetensors checkpoint lives.
+
+    A sharded checkpoint's ``model.safetensors.index.json`` names each tensor's shard; a shard's
+    header is read the first time one of its tensors is asked for, so a party opens only the shards
+    that hold its tensors (``opened`` lists them, in order).
+    """
 
     def __init__(self, model_dir: Path):
         single = model_dir / "model.safetensors"
         index = model_dir / "model.safetensors.index.json"
         if single.is_file():
-            files = [single]
+            self.shard_of = None
         elif index.is_file():
-            files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
+            self.shard_of = {key: model_dir / f for key, f in weight_map.items()}
         else:
             raise UserError(f"{model_dir} holds no safetensors weights (lean loading needs them)")
         self.model_dir = model_dir
-        self.where: dict[str, tuple[Path, int, dict]] = {}
-        for f in files:
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            for key, meta in header.items():
-                self.where[key] = (f, 8 + n, meta)
+        self.opened: list[Path] = []
+        self._where: dict[str, tuple[Path, int, dict]] = {}
+        if self.shard_of is None:
+            self._read_header(single)
+
+    def _read_header(self, f: Path) -> None:
+        if not f.is_file():
+            raise UserError(f"shard {f.name} named by {self.model_dir}/model.safetensors.index.json is missing")
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        self.opened.append(f)
+        for key, meta in header.items():
+            self._where[key] = (f, 8 + n, meta)
+
+    def _locate(self, key: str) -> tuple[Path, int, dict]:
+        if key not in self._where and self.shard_of is not None and key in self.shard_of:
+            self._read_header(self.shard_of[key])
+        if key not in self._where:
+            raise UserError(f"{key} is not in the checkpoint's shard {self.shard_of[key].name}" if self.shard_of
+                            else f"{key} is not in the checkpoint")
+        return self._where[key]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.where
+        return key in (self.shard_of if self.shard_of is not None else self._where)
 
     def read_raw(self, key: str) -> torch.Tensor:
         """The bytes of tensor ``key`` as stored (uint8)."""
-        path, base, meta = self.where[key]
+        path, base, meta = self._locate(key)
         begin, end = meta["data_offsets"]
         raw = torch.empty(end - begin, dtype=torch.uint8)
         with path.open("rb", buffering=0) as fh:
@@ -72,7 +96,9 @@ class SafetensorsIndex:
         return raw
 
     def read(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        meta = self.where[key][2]
+        """Tensor ``key`` in ``dtype`` (floating tensors; others as stored): read as stored, then
+        converted one tensor at a time, so no copy of a part in another dtype ever exists."""
+        meta = self._locate(key)[2]
         t = self.read_raw(key).view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
         return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
@@ -80,7 +106,7 @@ class SafetensorsIndex:
         """sha256 over ``keys``' names, dtypes, shapes and stored bytes, read one tensor at a time."""
         h = hashlib.sha256()
         for key in sorted(set(keys)):
-            meta = self.where[key][2]
+            meta = self._locate(key)[2]
             h.update(f"{key}:{meta['dtype']}:{list(meta['shape'])};".encode())
             h.update(self.read_raw(key).numpy())
         return h.hexdigest()
@@ -126,21 +152,23 @@ def lean_skeleton(name: str):
     return model, tok, SafetensorsIndex(model_dir)
 
 
-def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: "Split | int") -> nn.Module:
-    """``side`` ("client", "server" or "whole") of the meta ``model`` with real, frozen weights.
+def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: "Split | int",
+              dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``side`` ("client", "server" or "whole") of the meta ``model`` with real, frozen weights, its
+    floating parameters in ``dtype`` (buffers keep theirs).
 
     Module names are those of the whole model, so LoRA configs and keys are the engine's.
     """
     part = model if side == "whole" else make_part(model, side, cut)
-    materialise(part, model, index)
+    materialise(part, model, index, dtype)
     part.requires_grad_(False)
     return part
 
 
-def lean_load(name: str, side: str, cut: "Split | int"):
+def lean_load(name: str, side: str, cut: "Split | int", dtype: torch.dtype = torch.float32):
     """``(part, tokenizer)`` in one call."""
     model, tok, index = lean_skeleton(name)
-    return lean_part(model, index, side, cut), tok
+    return lean_part(model, index, side, cut, dtype), tok
 
 
 def _aliases(whole: nn.Module) -> dict[int, list[str]]:
@@ -164,7 +192,7 @@ def file_keys(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> lis
     return sorted(set(keys))
 
 
-def materialise(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> None:
+def materialise(part: nn.Module, whole: nn.Module, index: SafetensorsIndex, dtype: torch.dtype = torch.float32) -> None:
     """Replace ``part``'s meta parameters by tensors read from ``index`` (ties preserved)."""
     aliases = _aliases(whole)
     done: dict[int, torch.Tensor] = {}
@@ -177,7 +205,8 @@ def materialise(part: nn.Module, whole: nn.Module, index: SafetensorsIndex) -> N
                 names = [n for n in aliases.get(id(p), []) if n in index]
                 if not names:
                     raise UserError(f"no weights for {aliases.get(id(p), ['?'])[0]} in the checkpoint")
-                done[id(p)] = nn.Parameter(index.read(names[0], p.dtype), requires_grad=False)
+                done[id(p)] = nn.Parameter(index.read(names[0], dtype if p.is_floating_point() else p.dtype),
+                                           requires_grad=False)
             module._parameters[key] = done[id(p)]
         for key, b in list(module._buffers.items()):
             if b is None or not b.is_meta:

@@ -99,8 +99,8 @@ RANDOM_PRESETS: dict[str, Callable[[], tuple[PreTrainedModel, object]]] = {
 PRESETS = (*RANDOM_PRESETS, "smollm2-135m")
 
 
-def _from_pretrained(name: str, **kwargs) -> tuple[PreTrainedModel, object]:
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+def _from_pretrained(name: str, dtype: torch.dtype = torch.float32, **kwargs) -> tuple[PreTrainedModel, object]:
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     tok = AutoTokenizer.from_pretrained(name, **kwargs)
     return model, tok
 
@@ -180,11 +180,11 @@ def resolve_model(name: str) -> Path | str:
     return name  # a hub id
 
 
-def load_model(name: str) -> LoadedModel:
-    """Load ``name`` in float32 with a right-padding tokenizer that has a pad token."""
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``name`` (its weights in ``dtype``) with a right-padding tokenizer that has a pad token."""
     where = resolve_model(name)
     try:
-        model, tok = _from_pretrained(str(where))
+        model, tok = _from_pretrained(str(where), dtype=dtype)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load model {name!r}: {first}") from None

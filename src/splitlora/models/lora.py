@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraSide, RunConfig
+from .precision import keep_lora_fp32
 from .split import Architecture, Split, architecture_of, make_part
 
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the keys
@@ -62,6 +63,7 @@ def _target_names(model: nn.Module, cfg: RunConfig, side: str) -> set[str]:
 def add_lora(part: nn.Module, config: LoraConfig) -> nn.Module:
     """Inject LoRA into ``part`` in place; only LoRA tensors stay trainable."""
     inject_adapter_in_model(config, part)
+    keep_lora_fp32(part)
     for name, param in part.named_parameters():
         param.requires_grad_("lora_" in name)
     return part

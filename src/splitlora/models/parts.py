@@ -19,6 +19,7 @@ from torch import nn
 from ..config import RunConfig
 from .loading import LoadedModel
 from .lora import add_lora, initial_lora_state, load_lora_state, side_lora_config, split_of, whole_lora_config
+from .precision import cast_base, enable_checkpointing, party_dtype, party_quantize
 from .split import architecture_of, check_cut, make_part
 
 
@@ -56,7 +57,13 @@ class ModelSource:
         ``{}``: PEFT's own init, for a party whose state will come over the network). The server's
         part goes where ``cfg.server_device_map`` says, when it says (see :mod:`.placement`)."""
         part = self.part(side)
+        if party_quantize(self.cfg, side):
+            from .quantize import quantize_base
+
+            quantize_base(part, party_quantize(self.cfg, side), device)
         add_lora(part, self.lora_config(side))
+        if self.cfg.gradient_checkpointing:
+            enable_checkpointing(part)
         if side == "server" and self.cfg.server_device_map:
             from .placement import place
 
@@ -84,21 +91,35 @@ class SharedModel(ModelSource):
 
     def __init__(self, loaded: LoadedModel, cfg: RunConfig, device: torch.device | str = "cpu"):
         super().__init__(cfg)
-        self.model = loaded.model.to(device)
-        self.model.requires_grad_(False)
+        # One model per dtype the parties use (clients and server may differ); ``model`` is the
+        # clients' (and the whole model's). The caller's model is never cast: a dtype it is not in is
+        # a cast copy (``build_simulation`` loads it in the clients' dtype, so only a server in
+        # another dtype costs a copy).
+        wanted = [party_dtype(cfg, "client")]
+        wanted += [d for d in [party_dtype(cfg, "server")] if d not in wanted]
+        own = loaded.model.dtype
+        self.models: dict[torch.dtype, nn.Module] = {}
+        for dtype in wanted:
+            model = loaded.model if dtype == own else cast_base(copy.deepcopy(loaded.model), dtype)
+            self.models[dtype] = model.to(device)
+            self.models[dtype].requires_grad_(False)
+        self.model = self.models[wanted[0]]
         check_cut(self.model, self.split)
         self.tokenizer, self.base_path, self.config = loaded.tokenizer, loaded.base_path, self.model.config
         self._init = None
 
     def part(self, side: str) -> nn.Module:
-        return make_part(self.model, side, self.split)
+        return make_part(self.models[party_dtype(self.cfg, side)], side, self.split)
 
     def skeleton(self) -> nn.Module:
         return self.model
 
     def initial_state(self):
         if self._init is None:
-            self._init = initial_lora_state(self.model, self.cfg)
+            # PEFT initialises LoRA in the base's dtype: the run's one initial adapter is drawn on an
+            # fp32 skeleton (LoRA's init reads only shapes), whatever the parties' dtypes.
+            base = self.model if self.model.dtype == torch.float32 else fp32_skeleton(self.model)
+            self._init = initial_lora_state(base, self.cfg)
         return self._init
 
 
@@ -120,7 +141,7 @@ class LeanModel(ModelSource):
     def part(self, side: str) -> nn.Module:
         from .lean import lean_part
 
-        return lean_part(self.meta, self.index, side, self.split)
+        return lean_part(self.meta, self.index, side, self.split, party_dtype(self.cfg, side))
 
     def skeleton(self) -> nn.Module:
         return self.meta
@@ -135,7 +156,20 @@ class LeanModel(ModelSource):
         if self._init is None:
             # LoRA's init reads only shapes: inject it into a tensor-less CPU copy of the skeleton.
             # ``to_empty`` allocates without writing, so the untouched pages never become resident.
-            empty = copy.deepcopy(self.meta).to_empty(device="cpu")
+            empty = fp32_skeleton(self.meta)
             self._init = initial_lora_state(empty, self.cfg)
             del empty
         return self._init
+
+
+def fp32_skeleton(model: nn.Module) -> nn.Module:
+    """An fp32 copy of ``model``'s module tree whose tensors are allocated but never written
+    (``to_empty``: the untouched pages never become resident)."""
+    if all(t.is_meta for t in model.parameters()):
+        meta = copy.deepcopy(model)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    return meta.float().to_empty(device="cpu")

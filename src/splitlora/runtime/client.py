@@ -24,6 +24,7 @@ from ..device import PartyRng, party_seed, to_device
 from ..messages import (Activations, AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load,
                         LocalStep, StepDone, Sync, Tail, TailGrad, Upload)
 from ..models.lora import load_lora_state, lora_state
+from ..models.precision import compute_dtype
 from ..models.split import client_forward, tail_forward
 from ..privacy.defences import nopeek_loss
 from ..registry import DEFENCES
@@ -43,6 +44,7 @@ class ClientApp:
         self.items, self.pad_id = items, pad_id
         self.num_samples = len(items)
         self.device = next(part.parameters()).device
+        self.dtype = compute_dtype(part)  # what a hidden state received is computed in
         self.cut = None if whole else cfg.cut_layer
         self.tail_start = num_blocks - cfg.tail_layers if (cfg.u_shape and not whole) else None
         self.stream = self._stream()
@@ -103,14 +105,15 @@ class ClientApp:
         if self.tail_start is None:
             raise ProtocolError("Tail sent to a client with a two-part split")
         with self._observe("tail", cmd.step, tuple(cmd.hidden.shape)):
-            hidden = cmd.hidden.to(self.device, torch.float32).requires_grad_(True)
+            hidden = cmd.hidden.to(self.device, self.dtype).requires_grad_(True)
             logits = tail_forward(self.part, hidden, batch["attention_mask"], self.tail_start)
             tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
             # This batch's mean loss, as `cen` computes it; a batched server step re-weights it by
             # its share of the step's tokens (Backward.scale).
             loss = ForCausalLMLoss(logits, batch["labels"], logits.shape[-1])
-            loss.backward()
-            grad = self.protect.noise(self.protect.clip(hidden.grad))
+            scale = self.optimizer.loss_scale
+            self.optimizer.scale(loss).backward()
+            grad = self.protect.noise(self.protect.clip(self.optimizer.unscale(hidden.grad, scale)))
         return TailGrad(cmd.step, grad, float(loss.detach()), tokens)
 
     def _backward(self, cmd: Backward) -> None:
@@ -122,11 +125,11 @@ class ClientApp:
                 for p in self.optimizer.params:
                     if p.grad is not None:
                         p.grad.mul_(cmd.scale)
-            tensors, grads = [sent], [cmd.grad.to(sent.device, sent.dtype)]
+            tensors, grads = [sent], [self.optimizer.scale(cmd.grad.to(sent.device), sent.dtype)]
             if embeds is not None:
                 tensors.append(self.cfg.privacy.nopeek_weight * nopeek_loss(embeds, hidden, batch["attention_mask"],
                                                                             self.protect.generator))
-                grads.append(torch.ones((), device=sent.device))
+                grads.append(self.optimizer.scale(torch.ones((), device=sent.device), tensors[-1].dtype))
             torch.autograd.backward(tensors, grads)
             self._open = None
             self._optimizer_step()
@@ -157,7 +160,7 @@ class ClientApp:
         with self._observe("whole", cmd.step, tuple(batch["input_ids"].shape), batch):
             self.part.train()
             loss = self.part(**batch).loss  # transformers' own forward and loss
-            loss.backward()
+            self.optimizer.scale(loss).backward()
             self._optimizer_step()
         return StepDone(cmd.step, float(loss.detach()), int((batch["labels"][:, 1:] != IGNORE).sum()))
 

@@ -34,6 +34,13 @@ class Optimizer:
         self.sched = self._schedule()
         self.max_grad_norm = cfg.max_grad_norm
         self.steps = 0
+        # An fp16 base needs a loss scaler (bf16 and fp32 do not): each party scales the gradient it
+        # starts its own backward from and unscales what it sends on, so parties' scales are independent.
+        from ..models.precision import compute_dtype
+
+        device = next((p.device.type for p in self.params), "cpu")
+        self.scaler = torch.amp.GradScaler(device, enabled=compute_dtype(module) == torch.float16)
+        self._unscaled = False
 
     def _schedule(self):
         return get_linear_schedule_with_warmup(self.opt, min(self.cfg.warmup_steps, self.total_steps),
@@ -42,8 +49,30 @@ class Optimizer:
     # Above this, AdamW's second moment (grad squared) could overflow float32 and freeze the adapter.
     MAX_GRAD = 1e15
 
+    # ---- loss scaling (fp16 only; identities otherwise) ---------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+    def scale(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The loss (or the upstream gradient) this party's backward starts from, scaled (in fp32
+        first, so that no small value underflows before it is), in ``dtype`` if given."""
+        if self.scaler.is_enabled():
+            t = self.scaler.scale(t.float())
+        return t if dtype is None else t.to(dtype)
+
+    def unscale(self, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """A gradient to send on, computed under ``scale``, in fp32 and unscaled."""
+        return grad.float() / scale if self.scaler.is_enabled() else grad
+
+    def _unscale_params(self) -> None:
+        if self.scaler.is_enabled() and not self._unscaled:
+            self.scaler.unscale_(self.opt)
+            self._unscaled = True
+
     def grads_ok(self) -> bool:
         """Whether every gradient is finite and below :data:`MAX_GRAD`: no step is taken otherwise."""
+        self._unscale_params()
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return True
@@ -51,12 +80,21 @@ class Optimizer:
         return worst <= self.MAX_GRAD
 
     def zero_grad(self) -> None:
+        if self._unscaled:  # fp16: a step given up after unscaling (an overflow) lowers the scale
+            self.scaler.update()
+            self._unscaled = False
         self.opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
+        self._unscale_params()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.opt.step()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self._unscaled = False
+        else:
+            self.opt.step()
         self.sched.step()
         self.steps += 1
         self.opt.zero_grad(set_to_none=True)

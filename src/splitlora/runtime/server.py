@@ -25,6 +25,7 @@ from ..data.batching import IGNORE
 from ..device import PartyRng, party_seed
 from ..messages import Activations, Backward, Tail, TailGrad
 from ..models.lora import lora_state
+from ..models.precision import compute_dtype
 from ..models.split import server_forward
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
@@ -45,6 +46,7 @@ class SplitServer:
         self.vocab_size = part.config.vocab_size
         self.optimizer = Optimizer(part, cfg, total_steps)
         self.device = next(part.parameters()).device
+        self.dtype = compute_dtype(part)  # what received hidden states are computed in
         self.rng = PartyRng(party_seed(cfg.seed, "server"), self.device)
         self.hooks: list[Hook] = []
         self._open = None  # U-shape: the middle's graph between forward and backward
@@ -70,10 +72,12 @@ class SplitServer:
                 loss = ForCausalLMLoss(logits, labels, self.vocab_size)
                 bad = self._bad_rows(logits, labels, ups) if not torch.isfinite(loss) else []
                 if not bad:
-                    loss.backward()
+                    scale = self.optimizer.loss_scale
+                    self.optimizer.scale(loss).backward()
                     if self.optimizer.grads_ok():
                         self.optimizer.step()
-                        return self._replies(ups, hidden.grad, float(loss.detach())), refused
+                        return self._replies(ups, self.optimizer.unscale(hidden.grad, scale),
+                                             float(loss.detach())), refused
                     bad = self._culprits([c for c, _ in ups], self._two_part_alone(ups))
                 self.optimizer.zero_grad()
             refused.clients += [c for c, _ in ups if c in bad]
@@ -118,13 +122,13 @@ class SplitServer:
         def backward(i):
             client, a = ups[i]
             hidden, mask = self._concat([(client, a)])
-            ForCausalLMLoss(server_forward(self.part, hidden, mask), a.labels.to(self.device),
-                            self.vocab_size).backward()
+            self.optimizer.scale(ForCausalLMLoss(server_forward(self.part, hidden, mask), a.labels.to(self.device),
+                                                 self.vocab_size)).backward()
         return backward
 
     def _concat(self, ups):
         width = max(a.hidden.shape[1] for _, a in ups)
-        hidden = torch.cat([_pad(a.hidden.to(self.device), width, 0.0) for _, a in ups]).requires_grad_(True)
+        hidden = torch.cat([_pad(a.hidden.to(self.device, self.dtype), width, 0.0) for _, a in ups]).requires_grad_(True)
         mask = torch.cat([_pad(a.attention_mask.to(self.device), width, 0) for _, a in ups])
         return hidden, mask
 
@@ -176,12 +180,14 @@ class SplitServer:
                 # not finite (or too large), each client's part is tried alone to find whose it was,
                 # and the step is taken without it. Without this, one client's tail gradient got
                 # every client of a batched step dropped (issue 11).
-                out.backward(self._upstream(out, live, grads, share), retain_graph=len(live) > 1)
+                scale, opt = self.optimizer.loss_scale, self.optimizer
+                out.backward(opt.scale(self._upstream(out, live, grads, share), out.dtype), retain_graph=len(live) > 1)
                 if self.optimizer.grads_ok():
-                    return self._tail_replies(hidden, live, grads, share), refused
+                    return self._tail_replies(hidden, live, grads, share, scale), refused
                 bad = [live[0][0]] if len(live) == 1 else self._culprits(
                     [c for c, _, _ in live],
-                    lambda i: out.backward(self._upstream(out, [live[i]], grads, {live[i][0]: 1.0}), retain_graph=True))
+                    lambda i: out.backward(opt.scale(self._upstream(out, [live[i]], grads, {live[i][0]: 1.0}), out.dtype),
+                                           retain_graph=True))
                 self.optimizer.zero_grad()
                 hidden.grad = None  # the tries above wrote into it too
                 refused.clients += bad
@@ -191,21 +197,22 @@ class SplitServer:
 
     @staticmethod
     def _upstream(out, live, grads, share) -> torch.Tensor:
-        upstream = torch.zeros_like(out)
+        upstream = torch.zeros_like(out, dtype=torch.float32)  # cast (and scaled) by the caller
         for c, a, row in live:
             b, t = a.hidden.shape[:2]
-            g = grads[c].grad.to(out.device, out.dtype)
+            g = grads[c].grad.to(out.device, torch.float32)
             upstream[row:row + b, :t] = g if share[c] == 1.0 else g * share[c]
         return upstream
 
-    def _tail_replies(self, hidden, live, grads, share) -> dict:
+    def _tail_replies(self, hidden, live, grads, share, scale: float) -> dict:
         self.optimizer.step()
+        grad = self.optimizer.unscale(hidden.grad, scale)
         step = live[0][1].step
         loss = sum(grads[c].loss * share[c] for c, _, _ in live)
         replies = {}
         for c, a, row in live:
             b, t = a.hidden.shape[:2]
-            replies[c] = Backward(step, hidden.grad[row:row + b, :t].to(a.hidden.device).contiguous(), loss,
+            replies[c] = Backward(step, grad[row:row + b, :t].to(a.hidden.device).contiguous(), loss,
                                   grads[c].tokens, scale=share[c])
         return replies
 
