@@ -48,6 +48,7 @@ class Algorithm:
         self.consistent = True
         self.members: list[ClientInfo] = []
         self.global_state: dict[str, torch.Tensor] = {}  # the averaged client adapter (what joiners get)
+        self.aggregated_at: int | None = None  # the step of the latest aggregation tried (done or skipped)
 
     # ---- the schedule ---------------------------------------------------------------------------
     def step(self, t: int) -> StepResult:
@@ -89,6 +90,7 @@ class Algorithm:
 
     def _aggregate(self, step: int) -> dict:
         """FedAvg of the live clients' adapters (robust, see runtime.aggregator); the average goes back."""
+        self.aggregated_at = step
         before = self.grid.traffic.copy()
         ups = ask_all(self.grid, self._alive(), lambda c: Upload(self.round))
         avg = robust_fedavg([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
@@ -107,6 +109,13 @@ class Algorithm:
             if getattr(avg, key):
                 event[key] = getattr(avg, key)
         return event
+
+    def _final_aggregation(self, steps_done: int) -> list[dict]:
+        """The end of training: aggregate a partial last round, but never the same step twice (a round
+        skipped for too few uploads stays skipped: asking again would number a round past the last)."""
+        if self.consistent or self.aggregated_at == steps_done - 1:
+            return []
+        return [self._aggregate(steps_done - 1)]
 
     def _peek_average(self) -> dict[str, torch.Tensor]:
         """The average of the clients' adapters right now (simulation only: read, not sent)."""

@@ -43,9 +43,7 @@ class SplitLoRA(Algorithm):
         return StepResult(loss, tokens, len(losses), events)
 
     def finish(self, steps_done: int) -> list[dict]:
-        if not self.consistent:  # the last round was partial
-            return [self._aggregate(steps_done - 1)]
-        return []
+        return self._final_aggregation(steps_done)
 
     def adapter_state(self):
         return {**self._peek_average(), **lora_state(self.server.part)}

@@ -1,0 +1,145 @@
+"""Shared helpers of the in-process attack tests: a malicious ClientApp driven by the same algorithm code.
+
+A run here is :func:`splitlora.train.run_loop` over a grid of simulated clients, one of which may be
+:class:`Malicious`: it runs the honest client's code and then rewrites its replies (or its claimed
+sample count). The grid drops a client the algorithm refuses (as the deployed grid does) instead of
+failing the run (as the simulation does for its trusted clients).
+
+The bounded-influence yardstick (DESIGN.md, threat model): for a config with ``n`` client slots,
+
+* ``honest_only``: the ``n - 1`` honest clients alone (indices 0..n-2, the data split of ``n``);
+* ``honest_extra``: all ``n`` clients honest;
+* ``attacked``: the ``n - 1`` honest clients and an attacker at index n-1.
+
+``d_extra = dist(honest_extra, honest_only)`` is what one more honest client moves the result;
+an attack is bounded when ``dist(attacked, honest_only) <= BOUND * d_extra``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from splitlora.algorithms import ALGORITHMS
+from splitlora.data import prepare_data
+from splitlora.device import setup_torch
+from splitlora.models.parts import SharedModel
+from splitlora.runtime.grid import Done
+from splitlora.train import client_apps, run_loop
+from splitlora.transport.inprocess import InProcessGrid
+
+BOUND = 2.0  # the stated multiple of one extra honest client's influence
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+class Malicious:
+    """A simulated client that runs the honest code, then ``tamper(command, reply, app)`` rewrites its reply.
+
+    ``declare``: the sample count it claims (its FedAvg weight claim).
+    """
+
+    def __init__(self, app, tamper: Callable | None = None, declare: int | None = None):
+        self.app, self.tamper = app, tamper
+        self.name, self.index = app.name, app.index
+        self.num_samples = declare if declare is not None else app.num_samples
+        self.seen: dict = {}  # what the server last sent it: "state" (an average), "handover"
+
+    def handle(self, command):
+        state = getattr(command, "state", None)
+        if state is not None:
+            self.seen["state"] = {k: v.clone() for k, v in state.items()}
+        if getattr(command, "handover", None) is not None:
+            self.seen["handover"] = command.handover
+        reply = self.app.handle(command)
+        if self.tamper is not None and reply is not None:
+            reply = self.tamper(command, reply, self)
+        if hasattr(reply, "num_samples"):
+            reply.num_samples = self.num_samples
+        return reply
+
+    def lora_state(self):
+        return self.app.lora_state()
+
+
+class AttackGrid(InProcessGrid):
+    """The in-process grid, but a refused client is dropped (as over gRPC), not a failed run."""
+
+    def __init__(self, apps, wire_dtype: str = "fp32", min_clients: int = 1):
+        super().__init__(apps, wire_dtype)
+        self.min_clients = min_clients
+        self.dropped: dict[str, str] = {}
+        self.sent: list[tuple[str, object]] = []  # (client, command) of every command, in order
+
+    def admit(self, step, boundary, welcome):
+        return [c for c in super().admit(step, boundary, welcome) if c.name not in self.dropped]
+
+    def ask(self, client, command):
+        self.sent.append((client.name, command))
+        if client.name in self.dropped:
+            return Done(None)
+        return super().ask(client, command)
+
+    def send(self, client, command):
+        self.sent.append((client.name, command))
+        if client.name not in self.dropped:
+            super().send(client, command)
+
+    def alive(self, client) -> bool:
+        return client.name not in self.dropped
+
+    def drop(self, client, reason: str) -> None:
+        self.dropped.setdefault(client.name, reason)
+
+
+class Events:
+    """A metrics sink that keeps the records (run_loop writes rows and events to it)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+    def events(self, name: str) -> list[dict]:
+        return [r for r in self.records if r.get("event") == name]
+
+
+def run(cfg, loaded, indices=None, attackers: dict | None = None, min_clients: int = 1, grid_cls=AttackGrid):
+    """Run ``cfg`` in process with the clients of ``indices`` (all by default); ``attackers`` maps a
+    client index to ``(tamper, declare)`` or a ready :class:`Malicious` factory ``fn(app)``.
+    Returns ``(final adapter state, grid, events)``."""
+    setup_torch(cfg.seed, 1)
+    source = SharedModel(loaded, cfg, "cpu")
+    data = prepare_data(cfg, source.tokenizer)
+    apps = client_apps(cfg, source, data, "cpu", indices if indices is not None else range(cfg.clients))
+    attackers = attackers or {}
+    apps = [attackers[a.index](a) if a.index in attackers else a for a in apps]
+    grid = grid_cls(apps, cfg.wire_dtype, min_clients)
+    algo = ALGORITHMS[cfg.algorithm](cfg, source, grid, "cpu")
+    log = Events()
+    run_loop(cfg, algo, log, progress=False)
+    return {k: v.clone() for k, v in algo.adapter_state().items()}, grid, log
+
+
+class Yardstick:
+    """The honest-only and honest-extra runs of one config, computed once."""
+
+    def __init__(self, cfg, loaded):
+        self.cfg, self.loaded = cfg, loaded
+        n = cfg.clients
+        self.honest_only, _, _ = run(cfg, loaded, indices=range(n - 1))
+        self.honest_extra, _, _ = run(cfg, loaded)
+        self.d_extra = max_abs_diff(self.honest_extra, self.honest_only)
+
+    def attack(self, make, min_clients: int = 1):
+        """``(distance of the attacked run from honest_only, grid, events)``; ``make(app)`` builds the
+        attacker in the last client slot."""
+        state, grid, log = run(self.cfg, self.loaded, attackers={self.cfg.clients - 1: make}, min_clients=min_clients)
+        for v in state.values():
+            assert torch.isfinite(v).all()
+        return max_abs_diff(state, self.honest_only), grid, log
