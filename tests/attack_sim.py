@@ -32,9 +32,10 @@ from splitlora.transport.inprocess import InProcessGrid
 BOUND = 2.0  # the stated multiple of one extra honest client's influence
 
 
-def max_abs_diff(a: dict, b: dict) -> float:
+def max_abs_diff(a: dict, b: dict, keys=None) -> float:
+    """The largest elementwise distance over ``keys`` (all of them by default)."""
     assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in (keys or a))
 
 
 class Malicious:
@@ -129,17 +130,67 @@ def run(cfg, loaded, indices=None, attackers: dict | None = None, min_clients: i
 class Yardstick:
     """The honest-only and honest-extra runs of one config, computed once."""
 
-    def __init__(self, cfg, loaded):
-        self.cfg, self.loaded = cfg, loaded
+    def __init__(self, cfg, loaded, keys=None, attackers: int = 1):
+        """``keys``: measure only these adapter tensors (e.g. the averaged client side, where the
+        extra client's server-side batches would otherwise dominate the yardstick). ``attackers``: the
+        last slots an attack takes (colluders); the honest-only run leaves them all out, the honest-extra
+        run adds one honest client to it."""
+        self.cfg, self.loaded, self.slots = cfg, loaded, attackers
         n = cfg.clients
-        self.honest_only, _, _ = run(cfg, loaded, indices=range(n - 1))
-        self.honest_extra, _, _ = run(cfg, loaded)
-        self.d_extra = max_abs_diff(self.honest_extra, self.honest_only)
+        self.honest_only, _, self.log_only = run(cfg, loaded, indices=range(n - attackers))
+        self.honest_extra, _, self.log_extra = run(cfg, loaded, indices=range(n - attackers + 1))
+        self.keys = keys(self.honest_only) if callable(keys) else keys
+        self.d_extra = max_abs_diff(self.honest_extra, self.honest_only, self.keys)
 
     def attack(self, make, min_clients: int = 1):
         """``(distance of the attacked run from honest_only, grid, events)``; ``make(app)`` builds the
-        attacker in the last client slot."""
-        state, grid, log = run(self.cfg, self.loaded, attackers={self.cfg.clients - 1: make}, min_clients=min_clients)
+        attacker in each of the last ``attackers`` client slots."""
+        n = self.cfg.clients
+        attackers = {i: make for i in range(n - self.slots, n)}
+        state, grid, log = run(self.cfg, self.loaded, attackers=attackers, min_clients=min_clients)
         for v in state.values():
             assert torch.isfinite(v).all()
-        return max_abs_diff(state, self.honest_only), grid, log
+        return max_abs_diff(state, self.honest_only, self.keys), grid, log
+
+
+def client_side(state: dict) -> list[str]:
+    """The averaged keys of a split run: the client side's (blocks below the cut)."""
+    return [k for k in state if any(f".h.{i}." in k or f".layers.{i}." in k for i in range(2))]
+
+
+# ---- attacks on an upload (FedAvg) ---------------------------------------------------------------
+
+def on_upload(rewrite: Callable, declare: int | None = None):
+    """An attacker that replaces its adapter upload with ``rewrite(honest_state, current_average)``."""
+    from splitlora.messages import AdapterUpdate
+
+    def tamper(command, reply, me):
+        if isinstance(reply, AdapterUpdate):
+            reply.state = rewrite(reply.state, me.seen["state"])
+        return reply
+    return lambda app: Malicious(app, tamper, declare)
+
+
+def scaled(factor: float):
+    """The honest update scaled by ``factor`` (in the honest direction: drift)."""
+    return lambda state, avg: {k: avg[k] + factor * (state[k] - avg[k]) for k in state}
+
+
+def zeros(state, avg):
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+def echo(state, avg):
+    """The current average back: cancels the honest clients' learning in a plain mean."""
+    return {k: v.clone() for k, v in avg.items()}
+
+
+# ---- attacks on an sl hand-over --------------------------------------------------------------------
+
+def on_handover(rewrite: Callable):
+    """An ``sl`` attacker that replaces its hand-back with ``rewrite(handover, me)``."""
+    from splitlora.messages import Handover
+
+    def tamper(command, reply, me):
+        return rewrite(reply, me) if isinstance(reply, Handover) else reply
+    return lambda app: Malicious(app, tamper)

@@ -6,7 +6,8 @@ moves the result (:class:`attack_sim.Yardstick`)."""
 import pytest
 import torch
 
-from attack_sim import BOUND, Malicious, Yardstick, max_abs_diff, run
+from attack_sim import (BOUND, Malicious, Yardstick, client_side, echo, max_abs_diff, on_handover, on_upload, run,
+                        scaled, zeros)
 from conftest import tiny_config
 from splitlora.messages import AdapterUpdate, Load, Upload
 
@@ -29,3 +30,72 @@ def test_withheld_last_upload_under_min_clients_sends_no_round_past_the_last(tin
     tried = [e["step"] for e in log.records if e.get("event", "").startswith("aggregate")]
     assert tried == sorted(set(tried)), tried
     assert log.events("aggregate_skipped")
+
+
+# ---- FedAvg: drift, weight capture, collapse, echo, collusion ------------------------------------------
+
+FED_ATTACKS = {
+    "drift": on_upload(scaled(1e3)),  # far outside: clipped (or rejected) to the bound every round
+    "drift-under-bound": on_upload(scaled(1.45)),  # just under the bound, every round
+    "weight-capture": on_upload(scaled(1.45), declare=1 << 40),
+    "collapse": on_upload(zeros),  # all-zero adapter
+    "echo": on_upload(echo),  # the current average back
+}
+
+
+@pytest.fixture(scope="module")
+def fed_yardstick(tiny_gpt2):
+    return Yardstick(tiny_config(algorithm="fed", clients=4), tiny_gpt2)
+
+
+@pytest.mark.parametrize("attack", list(FED_ATTACKS))
+def test_fedavg_attack_is_bounded_by_one_honest_client(fed_yardstick, attack):
+    """fed, 3 honest clients + 1 attacker (fedavg tolerates (n-1)//2 = 1): the attacked adapter is at
+    most BOUND times as far from the honest-only one as one more honest client takes it; the round
+    is never skipped, and a collapsed round does not poison the next (the honest uploads stay in)."""
+    d, grid, log = fed_yardstick.attack(FED_ATTACKS[attack])
+    ratio = d / fed_yardstick.d_extra
+    print(f"\nfed {attack}: attacked {d:.3g} vs one honest extra {fed_yardstick.d_extra:.3g} -> {ratio:.2f}x")
+    assert ratio <= BOUND
+    aggs = log.events("aggregate")
+    assert len(aggs) == 2 and not log.events("aggregate_skipped")
+    assert all({"0", "1", "2"} <= set(e["used"]) for e in aggs), aggs  # no honest upload is ever refused
+    if attack == "weight-capture":
+        assert all(e["capped"] == {"3": 1 << 40} for e in aggs)
+
+
+def test_splitlora_fedavg_drift_is_bounded(tiny_gpt2):
+    """splitlora (client side averaged): the same drift, measured on the averaged keys."""
+    y = Yardstick(tiny_config(clients=4), tiny_gpt2, keys=client_side)
+    for attack in ("drift", "collapse"):
+        d, _, _ = y.attack(FED_ATTACKS[attack])
+        print(f"\nsplitlora {attack}: attacked {d:.3g} vs one honest extra {y.d_extra:.3g} -> {d / y.d_extra:.2f}x")
+        assert d <= BOUND * y.d_extra
+
+
+# The robust rules, each at the attackers it tolerates (colluders send the same far-out update).
+ROBUST = [  # rule, clients, colluders (= its tolerated number at that count)
+    ("fedavg", 5, 1),  # its guard holds up to (n-1)//2, but each attacker adds up to 1.5 honest clients
+    ("median", 5, 2),
+    ("trimmed-mean", 5, 1),
+    ("krum", 5, 1),
+    ("multi-krum", 5, 1),
+    ("bulyan", 7, 1),
+]
+
+
+@pytest.mark.parametrize("rule,clients,colluders", ROBUST)
+def test_robust_rule_bounds_its_tolerated_colluders(tiny_gpt2, rule, clients, colluders):
+    from splitlora.runtime.aggregator import AGGREGATORS
+
+    cfg = tiny_config(algorithm="fed", clients=clients, steps=2, aggregate_every=1,
+                      aggregation={"rule": rule})
+    assert AGGREGATORS[rule](cfg.aggregation).tolerates(clients) >= colluders
+    y = Yardstick(cfg, tiny_gpt2, attackers=colluders)
+    for attack in ("drift", "collapse"):
+        d, _, log = y.attack(FED_ATTACKS[attack])
+        print(f"\n{rule}, {colluders} of {clients} colluding, {attack}: attacked {d:.3g} vs one honest extra "
+              f"{y.d_extra:.3g}")
+        # (+1e-6: Krum may leave the extra honest client out too; then both distances are float noise)
+        assert d <= BOUND * y.d_extra + 1e-6
+        assert not log.events("aggregate_skipped")

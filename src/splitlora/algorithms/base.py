@@ -9,7 +9,7 @@ import torch
 from ..config import RunConfig
 from ..messages import Load, Sync, Upload
 from ..models.parts import ModelSource
-from ..runtime.aggregator import fedavg, robust_fedavg
+from ..runtime.aggregator import fedavg, make_aggregator
 from ..runtime.grid import ClientInfo, Grid, ask_all
 
 
@@ -48,6 +48,7 @@ class Algorithm:
         self.consistent = True
         self.members: list[ClientInfo] = []
         self.global_state: dict[str, torch.Tensor] = {}  # the averaged client adapter (what joiners get)
+        self.aggregator = make_aggregator(cfg.aggregation)
         self.aggregated_at: int | None = None  # the step of the latest aggregation tried (done or skipped)
 
     # ---- the schedule ---------------------------------------------------------------------------
@@ -70,11 +71,12 @@ class Algorithm:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"round": self.round, "global_state": self.global_state}
+        return {"round": self.round, "global_state": self.global_state, "aggregator": self.aggregator.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state["round"])
         self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
+        self.aggregator.load_state_dict(state.get("aggregator", {}))
 
     def join(self, step: int) -> None:
         """Admit the clients the run starts (or resumes) with, before its first step."""
@@ -93,19 +95,24 @@ class Algorithm:
         self.aggregated_at = step
         before = self.grid.traffic.copy()
         ups = ask_all(self.grid, self._alive(), lambda c: Upload(self.round))
-        avg = robust_fedavg([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
-                            self.global_state, self.cfg.aggregation, self.grid.min_clients)
+        avg = self.aggregator([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
+                              self.global_state, self.grid.min_clients)
         self.round += 1
+        send = avg.state
         if avg.state is not None:
             self.global_state = avg.state
             self.consistent = True
+        elif avg.refused.startswith("the average"):
+            send, self.consistent = self.global_state, True  # a refused result: everyone back to the current one
         for c in ups:
-            self.grid.send(c, Load(self.round, avg.state, keep_from=self.keep_from))
+            self.grid.send(c, Load(self.round, send, keep_from=self.keep_from))
         spent = self.grid.traffic - before
         event = {"event": "aggregate" if avg.state is not None else "aggregate_skipped", "step": step,
                  "round": self.round, "clients": len(avg.used), "used": avg.used, "samples": avg.samples,
                  "bytes_up": spent.up, "bytes_down": spent.down, "update_norms": avg.update_norms}
-        for key in ("rejected", "clipped", "capped"):
+        if avg.bound is not None:
+            event["bound"] = round(avg.bound, 6)
+        for key in ("rejected", "clipped", "capped", "refused", "average_clipped"):
             if getattr(avg, key):
                 event[key] = getattr(avg, key)
         return event
