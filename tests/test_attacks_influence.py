@@ -99,3 +99,45 @@ def test_robust_rule_bounds_its_tolerated_colluders(tiny_gpt2, rule, clients, co
         # (+1e-6: Krum may leave the extra honest client out too; then both distances are float noise)
         assert d <= BOUND * y.d_extra + 1e-6
         assert not log.events("aggregate_skipped")
+
+
+# ---- sl hand-overs: the server's own count and bounds ------------------------------------------------
+
+def _steps_at_end(h, me):
+    h.opt_steps = me.app.cfg.steps  # the largest count the wire accepts: the next schedule at its end
+    return h
+
+
+def _freeze(h, me):
+    from splitlora.messages import Handover
+    return Handover(h.state, h.exp_avg, {k: v * 1e12 + 1e-3 for k, v in h.exp_avg_sq.items()}, h.opt_steps)
+
+
+def _huge_adapter(h, me):
+    from splitlora.messages import Handover
+    return Handover({k: v + 1e4 for k, v in h.state.items()}, h.exp_avg, h.exp_avg_sq, h.opt_steps)
+
+
+SL_ATTACKS = {"opt_steps": _steps_at_end, "exp_avg_sq": _freeze, "adapter": _huge_adapter}
+
+
+@pytest.fixture(scope="module")
+def sl_yardstick(tiny_gpt2):
+    # 3 clients, turns of 2 steps: 0, 1, 2 (the attacker), 0: an honest turn follows the attack.
+    return Yardstick(tiny_config(algorithm="sl", clients=3, steps=8, aggregate_every=2), tiny_gpt2)
+
+
+@pytest.mark.parametrize("attack", list(SL_ATTACKS))
+def test_sl_handover_attack_is_bounded_and_blames_nobody_else(sl_yardstick, attack):
+    """The server sets opt_steps from its own count, clips the adapter's change to what AdamW's steps at
+    the schedule's learning rates could make, and bounds exp_avg_sq's growth: nobody is dropped (the
+    honest client after the attacker is never blamed), and the result is bounded."""
+    d, grid, log = sl_yardstick.attack(on_handover(SL_ATTACKS[attack]))
+    ratio = d / sl_yardstick.d_extra
+    print(f"\nsl {attack}: attacked {d:.3g} vs one honest extra {sl_yardstick.d_extra:.3g} -> {ratio:.2f}x")
+    assert ratio <= BOUND
+    assert not grid.dropped
+    flagged = [e for e in log.events("handback") if e.get("bounded")]
+    assert flagged and all(e["from_client"] == "2" for e in flagged), flagged
+    # An honest run's hand-overs are within every bound.
+    assert not [e for e in sl_yardstick.log_extra.events("handback") if e.get("bounded")]
