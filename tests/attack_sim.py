@@ -194,3 +194,14 @@ def on_handover(rewrite: Callable):
     def tamper(command, reply, me):
         return rewrite(reply, me) if isinstance(reply, Handover) else reply
     return lambda app: Malicious(app, tamper)
+
+
+def on_tail(factor: float):
+    """A U-shape attacker that scales its tail gradient dL/dh_(L-T) by ``factor``."""
+    from splitlora.messages import TailGrad
+
+    def tamper(command, reply, me):
+        if isinstance(reply, TailGrad):
+            reply.grad = reply.grad * factor
+        return reply
+    return lambda app: Malicious(app, tamper)

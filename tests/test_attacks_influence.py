@@ -141,3 +141,21 @@ def test_sl_handover_attack_is_bounded_and_blames_nobody_else(sl_yardstick, atta
     assert flagged and all(e["from_client"] == "2" for e in flagged), flagged
     # An honest run's hand-overs are within every bound.
     assert not [e for e in sl_yardstick.log_extra.events("handback") if e.get("bounded")]
+
+
+# ---- U-shape: one client's share of the server's update ------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_u_shape_tail_gradient_cannot_own_the_server_update(tiny_gpt2, mode):
+    """A tail gradient a million times an honest one (far inside the value bound) is scaled down to
+    tail_grad_ratio times the reference: the server adapter stays within BOUND of one more honest
+    client's effect, the attacker is not dropped (its values are legal), nobody else is."""
+    from attack_sim import on_tail
+
+    cfg = tiny_config(clients=4, split_shape="u-shape", tail_layers=1, cut_layer=1, server_mode=mode)
+    y = Yardstick(cfg, tiny_gpt2)
+    d, grid, log = y.attack(on_tail(1e6))
+    print(f"\nu-shape {mode}, tail gradient x1e6: attacked {d:.3g} vs one honest extra {y.d_extra:.3g} "
+          f"-> {d / y.d_extra:.2f}x")
+    assert d <= BOUND * y.d_extra
+    assert not grid.dropped

@@ -114,6 +114,9 @@ class Aggregation:
     trim_fraction: float = option(0.2, "trimmed-mean: the fraction of values cut at each end of every coordinate")
     byzantine: int = option(1, "krum, multi-krum, bulyan: the attackers f the rule assumes (lowered to what "
                                "the round's uploads allow)", flag="--byzantine")
+    tail_grad_ratio: float = option(
+        2.0, "U-shape: a client's tail gradient whose norm is above this many times the lower median of the "
+             "other clients' in the step and the recent steps' is scaled down to it (0: off)")
     max_samples_per_client: int = option(
         100_000, "the most samples a client's FedAvg weight counts (a larger declared count is capped and logged)",
         flag="--max-samples-per-client")
@@ -129,7 +132,7 @@ class Aggregation:
 
         if self.rule not in AGGREGATORS:
             raise UserError(f"aggregation.rule must be one of {', '.join(AGGREGATORS)} (got {self.rule!r})")
-        for name in ("max_norm_growth", "max_update_norm", "max_weight_ratio"):
+        for name in ("max_norm_growth", "max_update_norm", "max_weight_ratio", "tail_grad_ratio"):
             if getattr(self, name) < 0:
                 raise UserError(f"aggregation.{name} must be >= 0 (got {getattr(self, name)})")
         if self.max_weight_ratio and self.max_weight_ratio < 1:
