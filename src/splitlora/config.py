@@ -301,6 +301,13 @@ class ServeOptions:
     min_clients: int = option(1, "fewest clients a step or an aggregation goes ahead with", flag="--min-clients")
     client_timeout: float = option(120.0, "seconds a client may take to answer (its step, adapter or hand-over) "
                                           "before it is dropped", flag="--client-timeout")
+    # Stragglers (transport/sessions.py): a deadline relative to how fast the other clients answer.
+    straggler_factor: float = option(4.0, "a reply not there within straggler_floor + this many times the "
+                                          "lower median of the run's recent answer times (of that command) drops "
+                                          "its client (it may rejoin at the next round boundary; 0: only "
+                                          "--client-timeout)", flag="--straggler-factor")
+    straggler_floor: float = option(5.0, "seconds added to the relative deadline (so honest jitter is never late)",
+                                    flag="--straggler-floor")
     read_timeout: float = option(30.0, "seconds a client may take to send one message once it started; a slower "
                                        "stream is cut and its client dropped", flag="--read-timeout")
     join_timeout: float | None = option(None, "give up when too few clients have joined after S seconds "
@@ -326,6 +333,8 @@ class ServeOptions:
             raise UserError(f"--min-clients must be between 1 and clients={cfg.clients} (got {self.min_clients})")
         if len(self.tokens) < cfg.clients:
             raise UserError(f"the token file lists {len(self.tokens)} clients, the config needs {cfg.clients}")
+        if self.straggler_factor < 0 or self.straggler_floor < 0:
+            raise UserError("--straggler-factor and --straggler-floor must be >= 0")
         for name in ("client_timeout", "read_timeout", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
