@@ -38,8 +38,11 @@ def test_splitlora_one_client_equals_cen(tmp_path, tiny_gpt2, shape):
 
 
 def test_fedavg_is_sample_weighted(tiny_gpt2):
-    # A Dirichlet split over 3 clients: unequal sample counts.
-    cfg = tiny_config(clients=3, partition="dirichlet:1.0", aggregate_every=100, synthetic_examples=40)
+    # A Dirichlet split over 3 clients: unequal sample counts. Plain FedAvg: the bounded-influence caps
+    # (a weight above 1.5x the lower median claim, an update above 1.5x the reference) are off here and
+    # tested in tests/test_attacks_influence.py.
+    cfg = tiny_config(clients=3, partition="dirichlet:1.0", aggregate_every=100, synthetic_examples=40,
+                      aggregation={"max_weight_ratio": 0, "max_update_ratio": 0})
     _, data, grid, algo = build_simulation(cfg, tiny_gpt2)
     clients = list(grid.apps.values())
     algo.join(0)

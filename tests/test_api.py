@@ -62,7 +62,7 @@ def examples():
         exec(compile(block, str(DOC), "exec"), namespace)
     yield namespace
     ALGORITHMS.unregister("oneshot")
-    AGGREGATORS.unregister("median")
+    AGGREGATORS.unregister("my-median")
 
 
 def _adapter(path) -> dict[str, torch.Tensor]:
@@ -106,7 +106,7 @@ def test_example_aggregation_rule_runs_in_process_and_over_grpc(examples, tmp_pa
     assert median([], {"w": torch.zeros(2)}, None, 1).state is None
 
     cfg = tiny_config(clients=3, steps=2, aggregate_every=2, synthetic_examples=60, threads=1,
-                      aggregation={"rule": "median"})
+                      aggregation={"rule": "my-median"})
     sim, aggregates = _in_process_and_loopback(cfg, tmp_path, tiny_gpt2)
     assert len(aggregates) == 1 and aggregates[0]["clients"] == 3
     mean = splitlora.train(tiny_config(clients=3, steps=2, aggregate_every=2, synthetic_examples=60, threads=1),

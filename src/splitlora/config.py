@@ -103,13 +103,29 @@ class Privacy:
 class Aggregation:
     """Robust FedAvg: bounds that one client's upload cannot pass (the same in simulation and deployment)."""
 
-    rule: str = option("fedavg", "the aggregation rule: fedavg (sample-weighted, with the bounds below) or a "
-                                 "registered one (splitlora.register_aggregator)")
+    # ---- bounded influence (runtime/aggregator.py; docs/deployment.md, What the server checks) ----
+    rule: str = option("fedavg", "aggregation rule: fedavg (weighted, norm-bounded), median, trimmed-mean, krum, "
+                                 "multi-krum or bulyan (equal weights; see docs/deployment.md for the attackers "
+                                 "each tolerates), or one registered with splitlora.register_aggregator",
+                       flag="--aggregation")
     max_update_ratio: float = option(
-        3.0, "an upload whose change from the current average has an L2 norm above this many times "
-             "max(median change of the other clients of the round, norm of the average) is an outlier (0: no bound)")
-    outliers: str = option("reject", "what happens to an outlier: reject (left out of the average) or clip "
-                                     "(its change scaled down to the bound)")
+        1.5, "an upload whose change from the current average has an L2 norm above this many times the "
+             "reference (the round's lower-median change, capped by max_norm_growth) is an outlier (0: no bound)")
+    max_norm_growth: float = option(
+        4.0, "the reference may grow at most this many times from one round to the next (0: no cap)")
+    max_update_norm: float = option(0.0, "a fixed L2 bound on every upload's change (0: none)",
+                                    flag="--max-update-norm")
+    outliers: str = option("clip", "what happens to an outlier: clip (its change scaled down to the bound) or "
+                                   "reject (left out of the average)")
+    max_weight_ratio: float = option(
+        1.5, "fedavg: a client's weight counts at most this many times the round's lower-median declared "
+             "sample count (0: no cap)", flag="--max-weight-ratio")
+    trim_fraction: float = option(0.2, "trimmed-mean: the fraction of values cut at each end of every coordinate")
+    byzantine: int = option(1, "krum, multi-krum, bulyan: the attackers f the rule assumes (lowered to what "
+                               "the round's uploads allow)", flag="--byzantine")
+    tail_grad_ratio: float = option(
+        2.0, "U-shape: a client's tail gradient whose norm is above this many times the lower median of the "
+             "other clients' in the step and the recent steps' is scaled down to it (0: off)")
     max_samples_per_client: int = option(
         100_000, "the most samples a client's FedAvg weight counts (a larger declared count is capped and logged)",
         flag="--max-samples-per-client")
@@ -122,6 +138,15 @@ class Aggregation:
         AGGREGATORS.check(self.rule, "aggregation.rule")
         if self.max_update_ratio < 0:
             raise UserError(f"aggregation.max_update_ratio must be >= 0 (got {self.max_update_ratio})")
+        for name in ("max_norm_growth", "max_update_norm", "max_weight_ratio", "tail_grad_ratio"):
+            if getattr(self, name) < 0:
+                raise UserError(f"aggregation.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.max_weight_ratio and self.max_weight_ratio < 1:
+            raise UserError(f"aggregation.max_weight_ratio must be 0 or >= 1 (got {self.max_weight_ratio})")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise UserError(f"aggregation.trim_fraction must be in [0, 0.5) (got {self.trim_fraction})")
+        if self.byzantine < 0:
+            raise UserError(f"aggregation.byzantine must be >= 0 (got {self.byzantine})")
         if self.outliers not in OUTLIER_ACTIONS:
             raise UserError(f"aggregation.outliers must be one of {', '.join(OUTLIER_ACTIONS)} (got {self.outliers!r})")
         if self.max_samples_per_client < 1:
@@ -337,6 +362,13 @@ class ServeOptions:
     min_clients: int = option(1, "fewest clients a step or an aggregation goes ahead with", flag="--min-clients")
     client_timeout: float = option(120.0, "seconds a client may take to answer (its step, adapter or hand-over) "
                                           "before it is dropped", flag="--client-timeout")
+    # Stragglers (transport/sessions.py): a deadline relative to how fast the other clients answer.
+    straggler_factor: float = option(4.0, "a reply not there within straggler_floor + this many times the "
+                                          "lower median of the run's recent answer times (of that command) drops "
+                                          "its client (it may rejoin at the next round boundary; 0: only "
+                                          "--client-timeout)", flag="--straggler-factor")
+    straggler_floor: float = option(5.0, "seconds added to the relative deadline (so honest jitter is never late)",
+                                    flag="--straggler-floor")
     read_timeout: float = option(30.0, "seconds a client may take to send one message once it started; a slower "
                                        "stream is cut and its client dropped", flag="--read-timeout")
     join_timeout: float | None = option(None, "give up when too few clients have joined after S seconds "
@@ -359,6 +391,8 @@ class ServeOptions:
             raise UserError(f"--min-clients must be between 1 and clients={cfg.clients} (got {self.min_clients})")
         if len(self.tokens) < cfg.clients:
             raise UserError(f"the token file lists {len(self.tokens)} clients, the config needs {cfg.clients}")
+        if self.straggler_factor < 0 or self.straggler_floor < 0:
+            raise UserError("--straggler-factor and --straggler-floor must be >= 0")
         for name in ("client_timeout", "read_timeout", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")

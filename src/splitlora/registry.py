@@ -95,9 +95,12 @@ ALGORITHMS = Registry("algorithm", "splitlora.algorithms", {
     "cen": "splitlora.algorithms.cen:CentralisedLoRA",
 })
 
+# An ``Aggregator`` subclass (built with the run's ``Aggregation``; keeps state across rounds) or a plain
 # ``fn(uploads, current, rules, min_clients) -> Averaged`` (see splitlora.runtime.aggregator)
 AGGREGATORS = Registry("aggregation rule", "splitlora.aggregators", {
-    "fedavg": "splitlora.runtime.aggregator:robust_fedavg",
+    name: f"splitlora.runtime.aggregator:{cls}" for name, cls in (
+        ("fedavg", "Aggregator"), ("median", "Median"), ("trimmed-mean", "TrimmedMean"), ("krum", "Krum"),
+        ("multi-krum", "MultiKrum"), ("bulyan", "Bulyan"))
 })
 
 # Client-side defences on what leaves a client: ``cls(privacy, seed, device)`` with ``clip(t)`` (in the

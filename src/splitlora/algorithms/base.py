@@ -12,7 +12,7 @@ from ..config import RunConfig
 from ..messages import Load, Sync, Upload
 from ..models.parts import ModelSource
 from ..registry import AGGREGATORS
-from ..runtime.aggregator import fedavg
+from ..runtime.aggregator import fedavg, make_aggregator
 from ..runtime.grid import ClientInfo, Grid, ask_all
 from ..runtime.server import SplitServer
 
@@ -77,8 +77,9 @@ class Algorithm:
         self.consistent = True
         self.members: list[ClientInfo] = []
         self.global_state: dict[str, torch.Tensor] = {}  # the averaged client adapter (what joiners get)
-        self.aggregator = AGGREGATORS[cfg.aggregation.rule]  # fn(uploads, current, rules, min_clients)
+        self.aggregator = make_aggregator(cfg.aggregation, AGGREGATORS[cfg.aggregation.rule])
         self.holds: dict[str, int] = {}  # client name -> the round whose average it holds
+        self.aggregated_at: int | None = None  # the step of the latest aggregation tried (done or skipped)
 
     # ---- the schedule ---------------------------------------------------------------------------
     def step(self, t: int) -> StepResult:
@@ -101,11 +102,12 @@ class Algorithm:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"round": self.round, "global_state": self.global_state}
+        return {"round": self.round, "global_state": self.global_state, "aggregator": self.aggregator.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state["round"])
         self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
+        self.aggregator.load_state_dict(state.get("aggregator", {}))
 
     def make_server(self, total_steps: int) -> SplitServer:
         """The main server's part and its LoRA, for algorithms that split the model (``total_steps``: of
@@ -139,27 +141,40 @@ class Algorithm:
         return [c for c in self.members if self.grid.alive(c)]
 
     def aggregate(self, step: int) -> dict:
-        """FedAvg of the live clients' adapters (the run's aggregation rule); the average goes back."""
+        """FedAvg of the live clients' adapters (robust, see runtime.aggregator); the average goes back."""
+        self.aggregated_at = step
         before = self.grid.traffic.copy()
         ups = ask_all(self.grid, self.alive(), lambda c: Upload(self.round))
         avg = self.aggregator([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
-                              self.global_state, self.cfg.aggregation, self.grid.min_clients)
+                              self.global_state, self.grid.min_clients)
         self.round += 1
+        send = avg.state
         if avg.state is not None:
             self.global_state = avg.state
             self.consistent = True
+        elif avg.refused.startswith("the average"):
+            send, self.consistent = self.global_state, True  # a refused result: everyone back to the current one
         for c in ups:
-            self.grid.send(c, Load(self.round, avg.state, keep_from=self.keep_from))
+            self.grid.send(c, Load(self.round, send, keep_from=self.keep_from))
             if avg.state is not None:
                 self.holds[c.name] = self.round
         spent = self.grid.traffic - before
         event = {"event": "aggregate" if avg.state is not None else "aggregate_skipped", "step": step,
                  "round": self.round, "clients": len(avg.used), "used": avg.used, "samples": avg.samples,
                  "bytes_up": spent.up, "bytes_down": spent.down, "update_norms": avg.update_norms}
-        for key in ("rejected", "clipped", "capped"):
+        if avg.bound is not None:
+            event["bound"] = round(avg.bound, 6)
+        for key in ("rejected", "clipped", "capped", "refused", "average_clipped"):
             if getattr(avg, key):
                 event[key] = getattr(avg, key)
         return event
+
+    def final_aggregation(self, steps_done: int) -> list[dict]:
+        """The end of training: aggregate a partial last round, but never the same step twice (a round
+        skipped for too few uploads stays skipped: asking again would number a round past the last)."""
+        if self.consistent or self.aggregated_at == steps_done - 1:
+            return []
+        return [self.aggregate(steps_done - 1)]
 
     def peek_average(self) -> dict[str, torch.Tensor]:
         """The average of the clients' adapters right now (simulation only: read, not sent)."""

@@ -34,9 +34,7 @@ class FedLoRA(Algorithm):
         return StepResult(loss, tokens, len(done), events)
 
     def finish(self, steps_done: int) -> list[dict]:
-        if not self.consistent:
-            return [self.aggregate(steps_done - 1)]
-        return []
+        return self.final_aggregation(steps_done)
 
     def adapter_state(self):
         return dict(self.peek_average())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..messages import Forward, HandIn, HandOut, Handover, Sync
 from ..models.lora import load_lora_state
+from ..runtime.optim import LrClock, bound_handover
 from .base import Algorithm, StepResult, client_keys, weighted_loss
 from .shapes import round_trip
 
@@ -22,6 +23,10 @@ class SplitLearning(Algorithm):
         zeros = {k: v.new_zeros(v.shape) for k, v in state.items()}
         self.handover = Handover(state, zeros, {k: v.clone() for k, v in zeros.items()}, 0)  # the server's copy
         self.holder = None  # the client holding the adapter now (None: the server holds it)
+        # Server-side truth: the optimiser steps the holder took since the server's copy, and their
+        # learning rates (the clients' schedule), bound what it may hand back (runtime/optim.py).
+        self.clock = LrClock(cfg, cfg.steps)
+        self.taken = 0
 
     def turn_of(self, t: int) -> int:
         return (t // self.cfg.aggregate_every) % self.cfg.clients
@@ -53,13 +58,14 @@ class SplitLearning(Algorithm):
             spent = self.grid.traffic - before
             events.append({"event": "handover", "step": t, "to_client": holder.name, "bytes_up": 0,
                            "bytes_down": spent.down})
-            self.holder = holder
+            self.holder, self.taken = holder, 0
         up = self.grid.ask(holder, Forward(t)).get()
         losses = round_trip(self, [(holder, up)]) if up is not None else {}
         if not losses:
             self.holder = None
             return StepResult(None, 0, 0, events, ran=False)
         self.consistent = False
+        self.taken += 1
         if (t + 1) % every == 0:
             events.append(self._take_back(t))
         loss, tokens = weighted_loss(losses.values())
@@ -71,13 +77,23 @@ class SplitLearning(Algorithm):
         giver = self.holder
         back = self.grid.ask(giver, HandOut(t)).get() if giver is not None else None
         spent = self.grid.traffic - before
+        event = {"event": "handback", "step": t, "from_client": giver.name if giver is not None else None,
+                 "bytes_up": spent.up, "bytes_down": 0}
+        bounded = []
         if back is not None:
+            start = self.handover.opt_steps
+            lrs = [self.clock.after(start + j) for j in range(self.taken)]
+            back, bounded = bound_handover(self.handover, back, lrs, self.cfg.weight_decay)
+            if bounded:
+                event["bounded"] = bounded
             self.handover, self.global_state, self.consistent = back, back.state, True
             self.round += 1
+        self.taken = 0
         if back is None or self.turn_of(t + 1) != giver.index:
             self.holder = None  # the next turn is someone else's: they get the server's copy
-        return {"event": "handback", "step": t, "from_client": giver.name if giver is not None else None,
-                "bytes_up": spent.up, "bytes_down": 0}
+        elif bounded:
+            self.grid.send(giver, HandIn(t, self.handover))  # it keeps the turn, from the bounded state
+        return event
 
     def finish(self, steps_done: int) -> list[dict]:
         if not self.consistent:  # the last turn was partial
@@ -108,4 +124,4 @@ class SplitLearning(Algorithm):
         self.server.rng.load_state_dict(state["server_rng"])
         h = state["handover"]
         self.handover = Handover(h["state"], h["exp_avg"], h["exp_avg_sq"], int(h["opt_steps"]))
-        self.holder = None
+        self.holder, self.taken = None, 0

@@ -41,9 +41,7 @@ class SplitLoRA(Algorithm):
         return StepResult(loss, tokens, len(losses), events)
 
     def finish(self, steps_done: int) -> list[dict]:
-        if not self.consistent:  # the last round was partial
-            return [self.aggregate(steps_done - 1)]
-        return []
+        return self.final_aggregation(steps_done)
 
     def adapter_state(self):
         return {**self.peek_average(), **self.server.lora_state()}

@@ -163,3 +163,59 @@ class LrClock:
         else:
             self.opt.advance(steps - self.opt.steps)
         return self.opt.lr
+
+
+# Kingma & Ba (2015), 2.1: one Adam step moves a value by about lr (exactly lr on the first step), and by at
+# most lr * (1 - b1) / sqrt(1 - b2) (3.16 lr) after a gradient far larger than every one before it. An sl
+# hand-over may move each value 1.5 lr a step: that rare spike is clipped, an attacker's adapter cannot
+# move further than about one and a half honest turns would.
+STEP_BOUND = 1.5
+
+
+def bound_handover(before, after, lrs: list[float], weight_decay: float, sq_growth: float = 100.0):
+    """Bound an ``sl`` hand-over (``after``) by what ``len(lrs)`` AdamW steps at learning rates ``lrs`` could make of
+    ``before`` (the hand-over the client started from). Returns ``(handover, notes)``; ``notes`` names what
+    was bounded (empty for an honest hand-over).
+
+    * ``opt_steps`` is ``before.opt_steps + len(lrs)``: the server counted the steps; a claim is not used.
+    * each adapter value moved at most ``sum(lr) * STEP_BOUND`` plus its weight decay; a larger move is
+      clipped to that (what any gradients could have done);
+    * ``exp_avg_sq`` decays by ``b2`` a step and grows at most by new squared gradients; with no gradient
+      bound the server can check, its per-tensor maximum may grow at most ``sq_growth`` times the
+      previous maximum (where there is one; early turns grow fast, as LoRA B leaves 0); above that it is
+      scaled down to the bound (a huge second moment would freeze every later turn: beyond this, a turn
+      is slowed at most sqrt(sq_growth) = 10 times, and less every step, by b2). ``exp_avg`` is then
+      kept to ``m^2 <= 52.9 v``.
+    """
+    from ..messages import Handover
+
+    steps, notes = len(lrs), []
+    reach = sum(lrs) * STEP_BOUND
+    state = {}
+    for k, v in after.state.items():
+        old = before.state[k].to(v.dtype)
+        limit = reach + sum(lrs) * weight_decay * (old.abs() + reach)
+        moved = v - old
+        clipped = torch.maximum(torch.minimum(moved, limit), -limit)
+        if not torch.equal(clipped, moved):
+            notes.append(f"adapter {k}")
+        state[k] = old + clipped
+    exp_avg, exp_avg_sq = {}, {}
+    b1, b2 = BETAS
+    for k, v in after.exp_avg_sq.items():
+        prev = float(before.exp_avg_sq[k].max()) if k in before.exp_avg_sq else 0.0
+        m = after.exp_avg[k]
+        if prev > 0 and sq_growth:
+            top = sq_growth * prev
+            worst = float(v.max())
+            if worst > top:
+                v = v * (top / worst)
+                notes.append(f"exp_avg_sq {k}")
+                ratio = (1 - b1) ** 2 / ((1 - b2) * (1 - b1 ** 2 / b2))
+                cap = (ratio * v).sqrt()
+                m = torch.maximum(torch.minimum(m, cap), -cap)
+        exp_avg[k], exp_avg_sq[k] = m, v
+    out = Handover(state, exp_avg, exp_avg_sq, before.opt_steps + steps)
+    if after.opt_steps != out.opt_steps:
+        notes.append(f"opt_steps {after.opt_steps} (counted {out.opt_steps})")
+    return out, notes

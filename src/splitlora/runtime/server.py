@@ -7,12 +7,21 @@ batch, and :meth:`SplitServer.backward` takes the clients' dL/dh_(L-T), steps, a
 
 The server never applies a step whose gradients are not finite: the clients whose batches made them
 so are named in :class:`Refused` and left out, and the step is taken without them.
+
+U-shape: the server's gradient is linear in each client's tail gradient dL/dh_(L-T), so a client that
+scales it up a millionfold (far inside the value bound) would own AdamW's second moment and freeze the
+server adapter for everyone else. :class:`InfluenceBound` scales each client's tail gradient down to
+``tail_grad_ratio`` times a reference the client cannot move: the lower median of the step's other
+clients' norms and of the recent steps' accepted norms (the per-client clipping DP-SGD applies per
+example). The two-part split needs none: the server computes the loss itself, and every block it runs
+normalises the activations a client sends.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -29,6 +38,37 @@ from ..models.precision import compute_dtype
 from ..models.split import server_forward
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
+
+
+class InfluenceBound:
+    """Per-client clipping of the U-shape's tail gradients against a server-side reference."""
+
+    HISTORY = 16  # recent accepted norms kept (the reference is their lower median with the step's)
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+        self.history: list[float] = []
+        self.clipped: dict[str, int] = {}  # client name -> tail gradients scaled down so far
+
+    def bound(self, norms: dict) -> dict:
+        """``{client: scale <= 1}`` for the step's clients (``norms``: their tail gradients' norms)."""
+        if not self.ratio:
+            return {c: 1.0 for c in norms}
+        scale = {}
+        for c, n in norms.items():
+            others = [m for o, m in norms.items() if o != c] + self.history
+            if not others:  # the run's very first batch: nothing to compare with
+                scale[c] = 1.0
+                continue
+            ref = sorted(others)[(len(others) - 1) // 2]
+            limit = self.ratio * ref
+            scale[c] = min(1.0, limit / n) if n > 0 else 1.0
+            if scale[c] < 1.0:
+                name = getattr(c, "name", str(c))
+                self.clipped[name] = self.clipped.get(name, 0) + 1
+        accepted = [n * scale[c] for c, n in norms.items()]
+        self.history = (self.history + accepted)[-self.HISTORY:]
+        return scale
 
 
 @dataclass
@@ -49,6 +89,7 @@ class SplitServer:
         self.dtype = compute_dtype(part)  # what received hidden states are computed in
         self.rng = PartyRng(party_seed(cfg.seed, "server"), self.device)
         self.hooks: list[Hook] = []
+        self.influence = InfluenceBound(cfg.aggregation.tail_grad_ratio)
         self._open = None  # U-shape: the middle's graph between forward and backward
 
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -169,6 +210,12 @@ class SplitServer:
             if live:
                 refused.clients, refused.reason = [c for c, _, _ in live], "its batch carried no loss tokens"
             return {}, refused
+        norms = {c: float(grads[c].grad.float().norm()) for c, _, _ in live}
+        # Absurd ones (beyond what any gradient may be) are left to the culprit search below, which drops them.
+        if all(math.isfinite(n) and n <= Optimizer.MAX_GRAD for n in norms.values()):
+            for c, scale in self.influence.bound(norms).items():
+                if scale < 1.0:
+                    grads[c] = replace(grads[c], grad=grads[c].grad * scale)
         with self.rng.active(), self._observe("server_bwd", live):
             while live:
                 tokens = sum(grads[c].tokens for c, _, _ in live)

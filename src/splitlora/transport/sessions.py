@@ -10,7 +10,10 @@ handler threads call ``hello``/``exchange``/``leave``. They meet under one condi
   fire-and-forget commands (a gradient, an average) ride along with the next request.
 * Replies are checked and turned into tensors on the loop thread (:meth:`_Pending.get`), never in a
   handler thread: every torch op of the process runs on one thread (see docs/deployment.md, Threads).
-* Every wait has a deadline: a reply not there within ``client_timeout`` drops its client; a call
+* Every wait has a deadline: a reply not there within ``client_timeout`` drops its client, and so does
+  one not there within ``straggler_floor + straggler_factor * r``, where ``r`` is the lower median of
+  the run's recent answer times for that kind of command (a client that holds every barrier just
+  under ``client_timeout`` would otherwise slow the run a hundredfold, unpunished); a call
   with nothing to deliver is answered ``Wait`` after ``poll_interval``; admission waits at most
   ``join_timeout``. A dropped client may say Hello again and is admitted at the next round boundary.
 """
@@ -64,6 +67,7 @@ class _Pending:
     def __init__(self, grid: "GrpcGrid", member: _Member, command, proto: pb.Command, expect: Expect):
         self.grid, self.member, self.command, self.proto, self.expect = grid, member, command, proto, expect
         self.issued = time.monotonic()
+        self.answered: float | None = None
         self.raw: pb.ClientMessage | None = None
         self.wire_bytes = 0
 
@@ -96,6 +100,7 @@ class GrpcGrid:
         self.told: set[str] = set()  # clients that heard the run is over (Finish, or a finished Hello)
         self._started = False
         self._next_id = 1
+        self.answer_times: dict[type, list[float]] = {}  # command type -> recent answer times (seconds)
 
     # ==== the loop's side: the Grid interface =======================================================
     def admit(self, step: int, boundary: bool, welcome) -> list[ClientInfo]:
@@ -228,16 +233,20 @@ class GrpcGrid:
         m = p.member
         if m is None:
             return None
-        timeout = self.opts.client_timeout
         with self.cond:
             while p.raw is None:
                 if m.state == "gone":
                     return None
+                timeout, relative = self._deadline(type(p.command))
                 left = p.issued + timeout - time.monotonic()
                 if left <= 0:
-                    self._drop(m, f"no answer to {type(p.command).__name__} within {timeout:g}s")
+                    why = " (the others' answers' pace: --straggler-factor)" if relative else ""
+                    self._drop(m, f"no answer to {type(p.command).__name__} within {timeout:g}s{why}")
                     return None
                 self.cond.wait(min(left, 0.25))
+            took = (p.answered or time.monotonic()) - p.issued
+            times = self.answer_times.setdefault(type(p.command), [])
+            times[:] = (times + [took])[-self.ANSWER_HISTORY:]
         try:
             reply = reply_from_proto(p.raw, p.expect)
         except WireError as exc:
@@ -249,6 +258,17 @@ class GrpcGrid:
             self.traffic.up += message_payload_bytes(p.raw)
             self.traffic.wire_up += p.wire_bytes
         return reply
+
+    ANSWER_HISTORY = 32  # recent answer times kept per command type
+
+    def _deadline(self, kind: type) -> tuple[float, bool]:
+        """Seconds a reply to a ``kind`` command may take, and whether the straggler rule set them."""
+        times = self.answer_times.get(kind)
+        if not self.opts.straggler_factor or not times:
+            return self.opts.client_timeout, False
+        ref = sorted(times)[(len(times) - 1) // 2]
+        relative = self.opts.straggler_floor + self.opts.straggler_factor * ref
+        return (relative, True) if relative < self.opts.client_timeout else (self.opts.client_timeout, False)
 
     # ==== the handlers' side ==========================================================================
     def hello(self, name: str, req: pb.HelloRequest) -> pb.HelloReply:
@@ -297,7 +317,7 @@ class GrpcGrid:
                     self.invalid += 1
                     self._drop(m, "sent a reply to a command it was not given", grpc.StatusCode.INVALID_ARGUMENT)
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a reply to a command this client was not given")
-                p.raw, p.wire_bytes = msg, wire_bytes
+                p.raw, p.wire_bytes, p.answered = msg, wire_bytes, time.monotonic()
                 m.awaiting = None
                 self.cond.notify_all()
             elif m.awaiting is not None:

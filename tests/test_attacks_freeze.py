@@ -1,0 +1,152 @@
+"""Malicious clients over gRPC: freezing or stalling everyone (half-sent calls, call storms, busy
+refusals, a client holding every barrier). Helpers: tests/attack_wire.py."""
+
+from attack_wire import *  # noqa: F403 - the shared helpers and fixtures of the attack tests
+
+
+# ==== 4. freezing everyone: half-sent calls, call storms ======================================================
+
+class Flood:
+    """Calls of one kind, kept open (or repeated) from many threads until :meth:`stop`; records how each ended."""
+
+    def __init__(self, port: int, later, method: str, metadata, threads: int, half_sent: bool, pause: float = 0.0):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stop_event = threading.Event()
+        later(self.stop)
+        path = f"/splitlora.v2.SplitLoRA/{method}"
+        if method == "Leave":  # unary on the wire; stream-unary here so that it can stay half-sent
+            self.call = self.channel.stream_unary(path, request_serializer=pb.Done.SerializeToString,
+                                                  response_deserializer=pb.Ack.FromString)
+            self.first = None if half_sent else pb.Done(session=12345)
+        else:
+            self.call = self.channel.stream_stream(path, request_serializer=pb.Chunk.SerializeToString,
+                                                   response_deserializer=pb.Chunk.FromString)
+            msg = (pb.HelloRequest(protocol_version=PROTOCOL_VERSION, num_samples=5) if method == "Hello"
+                   else pb.ClientMessage(session=12345))
+            data = msg.SerializeToString()
+            # Half-sent: the first chunk announces more bytes than ever come.
+            self.first = (pb.Chunk(data=data, total_bytes=len(data) + 1000) if half_sent
+                          else pb.Chunk(data=data, total_bytes=len(data)))
+        self.unary, self.half_sent, self.metadata, self.pause = method == "Leave", half_sent, metadata, pause
+        self.outcomes: list[tuple[grpc.StatusCode, float]] = []
+        self.details: set = set()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _requests(self):
+        if self.first is not None:
+            yield self.first
+        if self.half_sent:
+            self.stop_event.wait(60)  # ... and nothing more
+
+    def _loop(self):
+        while not self.stop_event.is_set():
+            start = time.monotonic()
+            try:
+                if self.unary:
+                    self.call(self._requests(), metadata=self.metadata, timeout=60)
+                else:
+                    for _ in self.call(self._requests(), metadata=self.metadata, timeout=60):
+                        pass
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.details.add(exc.details())
+            with self.lock:
+                self.outcomes.append((code, time.monotonic() - start))
+            if self.pause:
+                self.stop_event.wait(self.pause)
+
+    def codes(self) -> dict[grpc.StatusCode, int]:
+        with self.lock:
+            out: dict = {}
+            for code, _ in self.outcomes:
+                out[code] = out.get(code, 0) + 1
+            return out
+
+    def stop(self):
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(30)
+        self.channel.close()
+
+
+@pytest.mark.parametrize("method,token", [("Exchange", "valid"), ("Hello", "valid"), ("Leave", "valid"),
+                                          ("Leave", "wrong")])
+def test_half_sent_calls_do_not_freeze_the_server(tmp_path, csvs, solo, later, method, token):
+    """Finding 4: 24 half-sent calls at a time (more than the server's worker threads), reopened as soon as
+    they end, for the whole run. At most ``calls_per_client`` (2) of them are held, each for at most
+    ``read_timeout``; the others are refused at once. The honest client trains as if alone.
+    (Half-sent unary Leave calls, even with a wrong token, used to hold every worker without a deadline.)"""
+    cfg = attack_config()
+    server = start_server(cfg, tmp_path / "server", later, join_timeout=SOLO_JOIN)
+    metadata = md(ATTACKER) if token == "valid" else md(ATTACKER, "a-wrong-token-" + "z" * 20)
+    flood = Flood(server.port, later, method, metadata, threads=24, half_sent=True, pause=0.05)
+    errors = []
+    honest = start_honest(server, csvs[1], later, errors)
+    finish(server, honest, errors)
+    flood.stop()
+    codes = flood.codes()
+    print(f"\n{method} ({token} token), half-sent: {codes}")
+    held = [t for c, t in flood.outcomes if c in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)]
+    if token == "valid":
+        assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) > 24  # refused at once, over and over
+        assert held and max(held) < FAST["read_timeout"] + 3  # cut after read_timeout
+    else:
+        assert codes[grpc.StatusCode.UNAUTHENTICATED] > 24  # refused at once, unread
+        # (UNAVAILABLE, CANCELLED: calls the server's end cut)
+        assert set(codes) - {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED} == {grpc.StatusCode.UNAUTHENTICATED}
+    assert same_as_solo(server, solo, f"24 half-sent {method} calls at a time ({token} token)") == 0
+
+
+@pytest.mark.parametrize("method", ["Hello", "Exchange", "Leave"])
+def test_call_storm_does_not_knock_out_the_honest_client(tmp_path, csvs, solo, later, method):
+    """A token holder calls as fast as it can from 64 threads for the whole run (complete, tiny calls:
+    polls with a stale session, Hellos, Leaves). The honest client trains as if alone."""
+    cfg = attack_config()
+    server = start_server(cfg, tmp_path / "server", later, join_timeout=SOLO_JOIN)
+    flood = Flood(server.port, later, method, md(ATTACKER), threads=64, half_sent=False)
+    errors, results = [], []
+    honest = start_honest(server, csvs[1], later, errors, results=results)
+    finish(server, honest, errors)
+    flood.stop()
+    print(f"\n{method} storm: {flood.codes()}; honest client rejoined {results[0].rejoins} times, "
+          f"dropped for {drops(tmp_path / 'server', HONEST)}")
+    assert sum(flood.codes().values()) > 100
+    assert results[0].rejoins == 0 and set(drops(tmp_path / "server", HONEST)) <= {"left"}
+    assert same_as_solo(server, solo, f"{method} storm from 64 threads") == 0
+
+
+def test_busy_refusals_cost_the_honest_client_nothing(tmp_path, csvs, solo, later, monkeypatch):
+    """The storm above, made certain: gRPC refuses every other call of the honest client with
+    RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!", what a flood of calls from another client
+    gets it). The refused call is unread, so the client sends it again; it used to say Hello again
+    instead, which cost it its step and, flood after flood, its place in the run."""
+    from splitlora.transport import service
+
+    class Crowded(service.TokenInterceptor):
+        calls = 0
+
+        def intercept_service(self, continuation, details):
+            handler = super().intercept_service(continuation, details)
+            name = dict(details.invocation_metadata or ()).get("splitlora-client-id")
+            if name == HONEST and not details.method.endswith("/Leave"):
+                Crowded.calls += 1
+                if Crowded.calls % 2 == 0:
+                    def refuse(request_iterator, context):
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
+                    return grpc.stream_stream_rpc_method_handler(refuse)
+            return handler
+
+    monkeypatch.setattr(service, "TokenInterceptor", Crowded)
+    cfg = attack_config()
+    server = start_server(cfg, tmp_path / "server", later, join_timeout=SOLO_JOIN)
+    errors, results = [], []
+    honest = start_honest(server, csvs[1], later, errors, results=results)
+    finish(server, honest, errors)
+    assert Crowded.calls > 10
+    assert results[0].rejoins == 0 and set(drops(tmp_path / "server", HONEST)) <= {"left"}
+    assert same_as_solo(server, solo, "every other call of the honest client refused as busy") == 0
