@@ -23,8 +23,9 @@ class FakeGrid:
 
     min_clients = 1
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, whole: bool = False):
         self.clients = [ClientInfo(str(i), i, 10 + i) for i in range(n)]
+        self.uploaded = {**STATE, **SERVER_STATE} if whole else STATE  # what a client's adapter holds
         self.traffic = Traffic()
         self.log: list[tuple[str, str, int | None]] = []
 
@@ -43,7 +44,7 @@ class FakeGrid:
         reply = {Forward: lambda: Activations(cmd.step, h, torch.ones(1, 3), None),
                  Tail: lambda: TailGrad(cmd.step, h, 1.0, 2),
                  LocalStep: lambda: StepDone(cmd.step, 1.0, 2),
-                 Upload: lambda: AdapterUpdate(cmd.round, {k: v + 1 for k, v in STATE.items()}, c.num_samples),
+                 Upload: lambda: AdapterUpdate(cmd.round, {k: v + 1 for k, v in self.uploaded.items()}, c.num_samples),
                  HandOut: lambda: Handover(dict(STATE), dict(STATE), dict(STATE), 1)}[type(cmd)]()
         return Done(reply)
 
@@ -95,7 +96,7 @@ def run(algorithm: str, **overrides) -> list[tuple[str, str, int | None]]:
         def make_server(self, total_steps):
             return FakeServer(self.cfg)
 
-    grid = FakeGrid(cls.parties(cfg))
+    grid = FakeGrid(cls.parties(cfg), whole=cls.whole_clients)
     algo = Scheduled(cfg, FakeSource(), grid)
     algo.join(0)
     for t in range(cfg.steps):
