@@ -82,7 +82,21 @@ class Privacy:
     nopeek_weight: float = option(0.0, "weight of NoPeek's distance-correlation loss between a client's input "
                                        "embeddings and the activations it sends (0: off)", flag="--nopeek")
 
+    # Record-level DP-SGD of the released adapter (privacy/dpsgd.py; accountant: privacy/accounting.py).
+    dp_clip_norm: float = option(0.0, "DP-SGD: clip each example's gradient of the adapter to this L2 norm "
+                                      "(split: C/sqrt(2) on each side of the cut; 0: off)", flag="--dp-clip")
+    dp_noise_multiplier: float = option(0.0, "DP-SGD: Gaussian noise N(0, (sigma*C)^2) on every LoRA gradient "
+                                             "coordinate, from each party's own generator (sigma)", flag="--dp-noise")
+
+    @property
+    def dp_sgd(self) -> bool:
+        return self.dp_clip_norm > 0
+
     def validate(self) -> None:
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
+            raise UserError("privacy.dp_clip_norm and dp_noise_multiplier must be >= 0")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
+            raise UserError("privacy.dp_noise_multiplier needs privacy.dp_clip_norm > 0 (noise is scaled by it)")
         if self.clip_norm < 0 or self.noise_multiplier < 0 or self.nopeek_weight < 0:
             raise UserError("privacy.clip_norm, noise_multiplier and nopeek_weight must be >= 0")
         if self.noise_multiplier > 0 and self.clip_norm == 0:
@@ -215,6 +229,8 @@ class RunConfig:
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
         self.privacy.validate()
+        if self.privacy.dp_sgd and self.u_shape and self.algorithm in ("splitlora", "sl"):
+            raise UserError("privacy.dp_clip_norm (DP-SGD) covers the two-part split, fed and cen; the U-shape is not supported")
         self.aggregation.validate()
         return self
 

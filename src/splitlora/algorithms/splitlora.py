@@ -56,7 +56,8 @@ class SplitLoRA(Algorithm):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server_lora": lora_state(self.server.part),
-                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict()}
+                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         from ..models.lora import load_lora_state
@@ -65,3 +66,5 @@ class SplitLoRA(Algorithm):
         load_lora_state(self.server.part, state["server_lora"])
         self.server.optimizer.load_state_dict(state["server_optimizer"])
         self.server.rng.load_state_dict(state["server_rng"])
+        if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
+            self.server.dp.load_state_dict(state["server_dp"])

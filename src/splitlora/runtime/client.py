@@ -26,6 +26,7 @@ from ..messages import (Activations, AdapterUpdate, Backward, Finish, Forward, H
 from ..models.lora import load_lora_state, lora_state
 from ..models.split import client_forward, tail_forward
 from ..privacy.defences import Protector, nopeek_loss
+from ..privacy.dpsgd import DpSgd, party_bound, per_example_losses
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
 
@@ -49,6 +50,9 @@ class ClientApp:
         self.optimizer = Optimizer(part, cfg, cfg.steps)
         self.rng = PartyRng(party_seed(cfg.seed, f"client:{index}"), self.device)
         self.protect = Protector(cfg.privacy, party_seed(cfg.seed, f"noise:{index}"), self.device)
+        p = cfg.privacy
+        self.dp = DpSgd(part, party_bound(p.dp_clip_norm, split=not whole), p.dp_noise_multiplier * p.dp_clip_norm,
+                        party_seed(cfg.seed, f"dp:{index}"), self.device) if p.dp_sgd else None
         self.snapshots: dict[int, dict] = {}  # batches drawn -> optimiser and RNG state at a round boundary
         self.finished: Finish | None = None
         self.hooks: list[Hook] = []
@@ -128,6 +132,8 @@ class ClientApp:
                 grads.append(torch.ones((), device=sent.device))
             torch.autograd.backward(tensors, grads)
             self._open = None
+            if self.dp is not None:  # the server sent d(sum of per-example losses)/dh: per-example grads here
+                self.dp.privatise()
             self._optimizer_step()
 
     def _expect(self, step: int, what: str):
@@ -145,6 +151,8 @@ class ClientApp:
         if not self.optimizer.grads_ok():
             # Gradients this client computed itself from bounded inputs; never step on non-finite ones.
             self.optimizer.zero_grad()
+            if self.dp is not None:
+                self.dp.reset(activations=True)
             raise ProtocolError("non-finite gradient: step not applied")
         self.optimizer.step()
 
@@ -155,8 +163,15 @@ class ClientApp:
         batch = self._next_batch()
         with self._observe("whole", cmd.step, tuple(batch["input_ids"].shape), batch):
             self.part.train()
-            loss = self.part(**batch).loss  # transformers' own forward and loss
-            loss.backward()
+            if self.dp is None:
+                loss = self.part(**batch).loss  # transformers' own forward and loss
+                loss.backward()
+            else:  # DP-SGD: the sum of per-example losses, each example's gradient clipped and noised
+                logits = self.part(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses, _ = per_example_losses(logits, batch["labels"])
+                losses.sum().backward()
+                self.dp.privatise()
+                loss = ForCausalLMLoss(logits.detach(), batch["labels"], logits.shape[-1])  # reported as without DP
             self._optimizer_step()
         return StepDone(cmd.step, float(loss.detach()), int((batch["labels"][:, 1:] != IGNORE).sum()))
 
@@ -189,6 +204,8 @@ class ClientApp:
         server went back to a checkpoint): rewind to the snapshot taken at that round boundary."""
         self._open = None
         self.optimizer.zero_grad()
+        if self.dp is not None:
+            self.dp.reset(activations=True)
         if cmd.batches < self.batches:
             self.stream, self.batches = self._stream(), 0
             snap = self.snapshots.get(cmd.batches)
@@ -209,11 +226,16 @@ class ClientApp:
         self.snapshots.setdefault(self.batches, self._snapshot())
 
     def _snapshot(self) -> dict:
-        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.state_dict()}
+        snap = {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.state_dict()}
+        if self.dp is not None:
+            snap["dp"] = self.dp.state_dict()
+        return snap
 
     def _restore(self, snap: dict) -> None:
         self.optimizer.load_state_dict(snap["optimizer"])
         self.rng.load_state_dict(snap["rng"])
+        if self.dp is not None and "dp" in snap:
+            self.dp.load_state_dict(snap["dp"])
 
     def _finish(self, cmd: Finish) -> None:
         self.finished = cmd

@@ -25,6 +25,7 @@ from ..data.batching import IGNORE
 from ..device import PartyRng, party_seed
 from ..messages import Activations, Backward, Tail, TailGrad
 from ..models.split import server_forward
+from ..privacy.dpsgd import DpSgd, party_bound, per_example_losses
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
 
@@ -46,6 +47,9 @@ class SplitServer:
         self.device = next(part.parameters()).device
         self.rng = PartyRng(party_seed(cfg.seed, "server"), self.device)
         self.hooks: list[Hook] = []
+        p = cfg.privacy
+        self.dp = DpSgd(part, party_bound(p.dp_clip_norm, split=True), p.dp_noise_multiplier * p.dp_clip_norm,
+                        party_seed(cfg.seed, "dp:server"), self.device) if p.dp_sgd else None
         self._open = None  # U-shape: the middle's graph between forward and backward
 
     def _observe(self, kind: str, ups) -> "contextlib.ExitStack":
@@ -66,12 +70,18 @@ class SplitServer:
                 loss = ForCausalLMLoss(logits, labels, self.vocab_size)
                 bad = self._bad_rows(logits, labels, ups) if not torch.isfinite(loss) else []
                 if not bad:
-                    loss.backward()
+                    if self.dp is None:
+                        loss.backward()
+                    else:  # DP-SGD: each example's gradient (and its dL/dh, sent back) from its own loss
+                        per_example_losses(logits, labels)[0].sum().backward()
+                        self.dp.privatise()
                     if self.optimizer.grads_ok():
                         self.optimizer.step()
                         return self._replies(ups, hidden.grad, float(loss.detach())), refused
                     bad = self._culprits([c for c, _ in ups], self._two_part_alone(ups))
                 self.optimizer.zero_grad()
+                if self.dp is not None:
+                    self.dp.reset(activations=True)
             refused.clients += [c for c, _ in ups if c in bad]
             refused.reason = "its batch made the server's loss or gradients non-finite"
             ups = [(c, a) for c, a in ups if c not in bad]
