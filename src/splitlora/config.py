@@ -88,6 +88,15 @@ class Privacy:
     dp_noise_multiplier: float = option(0.0, "DP-SGD: Gaussian noise N(0, (sigma*C)^2) on every LoRA gradient "
                                              "coordinate, from each party's own generator (sigma)", flag="--dp-noise")
 
+    # Secure aggregation of client adapters (privacy/secagg.py): the aggregator sees only their sum.
+    secure_aggregation: bool = option(False, "SecAgg: clients mask their adapters so that the aggregator learns only "
+                                             "the weighted sum (fed, splitlora; robust outlier rules are off)",
+                                      flag="--secure-aggregation")
+    secagg_clip: float = option(1.0, "secure aggregation: each adapter value is clipped to [-clip, clip], the range "
+                                     "of its fixed-point encoding")
+    secagg_threshold: int = option(0, "secure aggregation: shares that reconstruct a secret; the round survives "
+                                      "clients - threshold drops (0: a majority)")
+
     @property
     def dp_sgd(self) -> bool:
         return self.dp_clip_norm > 0
@@ -229,6 +238,11 @@ class RunConfig:
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
         self.privacy.validate()
+        if self.privacy.secure_aggregation and (self.algorithm not in ("fed", "splitlora") or self.clients < 2
+                                                or self.privacy.secagg_clip <= 0 or self.privacy.secagg_threshold < 0
+                                                or self.privacy.secagg_threshold > self.clients):
+            raise UserError("privacy.secure_aggregation needs algorithm fed or splitlora, >= 2 clients, "
+                            "secagg_clip > 0 and 0 <= secagg_threshold <= clients")
         if self.privacy.dp_sgd and self.u_shape and self.algorithm in ("splitlora", "sl"):
             raise UserError("privacy.dp_clip_norm (DP-SGD) covers the two-part split, fed and cen; the U-shape is not supported")
         self.aggregation.validate()

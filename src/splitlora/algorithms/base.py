@@ -90,9 +90,14 @@ class Algorithm:
     def _aggregate(self, step: int) -> dict:
         """FedAvg of the live clients' adapters (robust, see runtime.aggregator); the average goes back."""
         before = self.grid.traffic.copy()
-        ups = ask_all(self.grid, self._alive(), lambda c: Upload(self.round))
-        avg = robust_fedavg([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
-                            self.global_state, self.cfg.aggregation, self.grid.min_clients)
+        if self.cfg.privacy.secure_aggregation:  # the server sees only the sum: no per-upload rules
+            from .secure import secure_fedavg
+
+            avg, ups = secure_fedavg(self.grid, self._alive(), self.round, self.global_state, self.cfg)
+        else:
+            ups = ask_all(self.grid, self._alive(), lambda c: Upload(self.round))
+            avg = robust_fedavg([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
+                                self.global_state, self.cfg.aggregation, self.grid.min_clients)
         self.round += 1
         if avg.state is not None:
             self.global_state = avg.state

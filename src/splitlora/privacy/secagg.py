@@ -24,7 +24,9 @@ drops after stage 3 is still in the sum. The masks come from AES-256-CTR keyed b
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -285,3 +287,100 @@ def view_bytes(view: dict) -> dict[str, int]:
             "shares": sum(len(b) + 4 for out in view["ciphertexts"].values() for b in out.values()),
             "masked": sum(int(m.nbytes) for m in view["masked"].values()),
             "unmask": sum(36 * (len(a.b_shares) + len(a.s_shares)) for a in view["answers"])}
+
+
+# ---- the bytes each stage carries (struct-packed: nothing is unpickled) ------------------------------
+
+def _u32s(values) -> bytes:
+    values = list(values)
+    return struct.pack(f">I{len(values)}I", len(values), *values)
+
+
+def _read_u32s(data: bytes, at: int = 0) -> tuple[list[int], int]:
+    (n,) = struct.unpack_from(">I", data, at)
+    return list(struct.unpack_from(f">{n}I", data, at + 4)), at + 4 + 4 * n
+
+
+def pack_params(p: Params) -> bytes:
+    return struct.pack(">QIdQQ", p.round, p.threshold, p.clip, p.max_weight, p.length) + _u32s(p.clients)
+
+
+def unpack_params(data: bytes) -> Params:
+    round_, threshold, clip, max_weight, length = struct.unpack_from(">QIdQQ", data)
+    clients, end = _read_u32s(data, struct.calcsize(">QIdQQ"))
+    _expect_end(data, end)
+    if not (math.isfinite(clip) and clip > 0):
+        raise SecAggError(f"clip range {clip} must be finite and > 0")
+    p = Params(round_, tuple(clients), threshold, clip, max_weight, length)
+    p.check()
+    return p
+
+
+def pack_keys(keys: dict[int, Keys]) -> bytes:
+    return struct.pack(">I", len(keys)) + b"".join(struct.pack(">I", k.index) + k.c_public + k.s_public
+                                                   for k in keys.values())
+
+
+def unpack_keys(data: bytes) -> dict[int, Keys]:
+    (n,) = struct.unpack_from(">I", data)
+    _expect_end(data, 4 + n * 68)
+    out = {}
+    for at in range(4, 4 + n * 68, 68):
+        (i,) = struct.unpack_from(">I", data, at)
+        out[i] = Keys(i, data[at + 4:at + 36], data[at + 36:at + 68])
+    return out
+
+
+def pack_blobs(blobs: dict[int, bytes]) -> bytes:
+    return struct.pack(">I", len(blobs)) + b"".join(struct.pack(">II", i, len(b)) + b for i, b in blobs.items())
+
+
+def unpack_blobs(data: bytes, max_len: int = 1024) -> dict[int, bytes]:
+    (n,) = struct.unpack_from(">I", data)
+    out, at = {}, 4
+    for _ in range(n):
+        i, size = struct.unpack_from(">II", data, at)
+        if size > max_len or at + 8 + size > len(data):
+            raise SecAggError("a relayed share of an impossible size")
+        out[i] = data[at + 8:at + 8 + size]
+        at += 8 + size
+    _expect_end(data, at)
+    return out
+
+
+def pack_unmasking(a: Unmasking) -> bytes:
+    return pack_blobs({**{2 * j: s for j, s in a.b_shares.items()}, **{2 * j + 1: s for j, s in a.s_shares.items()}})
+
+
+def unpack_unmasking(index: int, data: bytes) -> Unmasking:
+    out = Unmasking(index)
+    for key, share in unpack_blobs(data, 32).items():
+        (out.s_shares if key % 2 else out.b_shares)[key // 2] = share
+    return out
+
+
+def pack_vector(y: np.ndarray) -> bytes:
+    return y.astype("<u8").tobytes()
+
+
+def unpack_vector(data: bytes, p: Params) -> np.ndarray:
+    if len(data) != 8 * (p.length + 1):
+        raise SecAggError(f"a masked input of {len(data)} bytes; the round expects {8 * (p.length + 1)}")
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+def _expect_end(data: bytes, end: int) -> None:
+    if end != len(data):
+        raise SecAggError(f"a stage message of {len(data)} bytes; its content ends at {end}")
+
+
+def pack_roster(survivors: list[int], dropped: list[int]) -> bytes:
+    """Stage 4's question: who sent a masked input, and who shared but did not."""
+    return _u32s(survivors) + _u32s(dropped)
+
+
+def unpack_roster(data: bytes) -> tuple[list[int], list[int]]:
+    survivors, at = _read_u32s(data)
+    dropped, end = _read_u32s(data, at)
+    _expect_end(data, end)
+    return survivors, dropped

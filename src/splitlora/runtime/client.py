@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..data.batching import IGNORE, BatchStream, Encoded
 from ..device import PartyRng, party_seed, to_device
 from ..messages import (Activations, AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load,
-                        LocalStep, StepDone, Sync, Tail, TailGrad, Upload)
+                        LocalStep, SecAgg, SecAggReply, StepDone, Sync, Tail, TailGrad, Upload)
 from ..models.lora import load_lora_state, lora_state
 from ..models.split import client_forward, tail_forward
 from ..privacy.defences import Protector, nopeek_loss
@@ -59,7 +59,9 @@ class ClientApp:
         self._open = None  # (step, batch, hidden, sent, embeddings) between Forward and Backward
         self._handlers = {Sync: self._sync, Forward: self._forward, Backward: self._backward, Tail: self._tail,
                           LocalStep: self._local_step, Upload: self._upload, Load: self._load,
-                          HandOut: self._hand_out, HandIn: self._hand_in, Finish: self._finish}
+                          HandOut: self._hand_out, HandIn: self._hand_in, Finish: self._finish,
+                          SecAgg: self._secagg}
+        self._secure = None  # this round's SecAggClient
 
     def _stream(self) -> BatchStream:
         return BatchStream(self.items, self.cfg.batch_size, self.pad_id, seed=(self.cfg.seed, self.index))
@@ -180,6 +182,37 @@ class ClientApp:
         # A round boundary: remember where we are, to come back here if the server resumes here.
         self.snapshots[self.batches] = self._snapshot()
         return AdapterUpdate(cmd.round, lora_state(self.part), self.num_samples)
+
+    def _secagg(self, cmd: SecAgg) -> SecAggReply:
+        """Secure aggregation: this client's side of one stage; its adapter leaves only masked."""
+        import struct
+
+        import numpy as np
+
+        from ..privacy import secagg
+
+        try:
+            if cmd.stage == "keys":
+                self._secure = secagg.SecAggClient(self.index, secagg.unpack_params(cmd.data))
+                out = self._secure.advertise()
+                data = out.c_public + out.s_public
+            elif self._secure is None or self._secure.p.round != cmd.round:
+                raise secagg.SecAggError(f"stage {cmd.stage!r} of round {cmd.round} before its keys")
+            elif cmd.stage == "share":
+                data = secagg.pack_blobs(self._secure.share(secagg.unpack_keys(cmd.data)))
+            elif cmd.stage == "mask":
+                self.snapshots[self.batches] = self._snapshot()  # a round boundary, as for Upload
+                state = lora_state(self.part)
+                flat = np.concatenate([state[k].double().flatten().numpy() for k in sorted(state)])
+                weight = min(self.num_samples, self._secure.p.max_weight)
+                data = secagg.pack_vector(self._secure.masked_input(secagg.unpack_blobs(cmd.data), flat, weight))
+            elif cmd.stage == "unmask":
+                data = secagg.pack_unmasking(self._secure.unmask(*secagg.unpack_roster(cmd.data)))
+            else:
+                raise secagg.SecAggError(f"unknown stage {cmd.stage!r}")
+        except (secagg.SecAggError, struct.error, ValueError) as exc:
+            raise ProtocolError(f"secure aggregation: {exc}") from None
+        return SecAggReply(cmd.round, cmd.stage, data)
 
     def _load(self, cmd: Load) -> None:
         if cmd.state is not None:  # None: the round was not aggregated; keep the local adapter
