@@ -162,3 +162,27 @@ def test_run_finishes_the_round_when_a_site_drops(tiny_gpt2, tmp_path):
     expected = fedavg([seen["states"][n] for n in survivors], [sizes[n] for n in survivors])
     for k, v in expected.items():
         torch.testing.assert_close(algo.global_state[k], v, rtol=0, atol=1e-7)
+
+
+def test_over_grpc_the_server_receives_only_masked_inputs_and_gets_trains_adapter(tmp_path, tiny_gpt2, monkeypatch):
+    """Loopback gRPC: the same secure round as in process (the decoded sum is exact, so the adapters
+    agree), and no reply the server decodes is an adapter."""
+    from test_deploy import adapter, deploy_config, max_abs_diff, write_client_csvs
+
+    from splitlora.train import train
+    from splitlora.transport import sessions
+    from splitlora.transport.loopback import run_loopback
+
+    kinds = []
+
+    def recorded(msg, expect, _real=sessions.reply_from_proto):
+        kinds.append(msg.WhichOneof("payload"))
+        return _real(msg, expect)
+
+    monkeypatch.setattr(sessions, "reply_from_proto", recorded)
+    cfg = deploy_config(algorithm="fed", steps=4, privacy={"secure_aggregation": True})
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    result = train(cfg, tmp_path / "train", progress=False, loaded=tiny_gpt2)
+    out = run_loopback(cfg, csvs, tmp_path / "loop", wire_dtype="fp32", mode="threads", timeout=240)
+    assert "adapter" not in kinds and kinds.count("secagg") == 4 * cfg.clients * 2  # 4 stages, 2 rounds
+    assert max_abs_diff(adapter(result.adapter_dir), adapter(out["adapter_dir"])) <= 1e-6
