@@ -89,8 +89,31 @@ class Privacy:
     nopeek_weight: float = option(0.0, "weight of NoPeek's distance-correlation loss between a client's input "
                                        "embeddings and the activations it sends (0: off)", flag="--nopeek")
 
+    # Record-level DP-SGD of the released adapter (privacy/dpsgd.py; accountant: privacy/accounting.py).
+    dp_clip_norm: float = option(0.0, "DP-SGD: clip each example's gradient of the adapter to this L2 norm "
+                                      "(split: C/sqrt(2) on each side of the cut; 0: off)", flag="--dp-clip")
+    dp_noise_multiplier: float = option(0.0, "DP-SGD: Gaussian noise N(0, (sigma*C)^2) on every LoRA gradient "
+                                             "coordinate, from each party's own generator (sigma)", flag="--dp-noise")
+
+    # Secure aggregation of client adapters (privacy/secagg.py): the aggregator sees only their sum.
+    secure_aggregation: bool = option(False, "SecAgg: clients mask their adapters so that the aggregator learns only "
+                                             "the weighted sum (fed, splitlora; robust outlier rules are off)",
+                                      flag="--secure-aggregation")
+    secagg_clip: float = option(1.0, "secure aggregation: each adapter value is clipped to [-clip, clip], the range "
+                                     "of its fixed-point encoding")
+    secagg_threshold: int = option(0, "secure aggregation: shares that reconstruct a secret; the round survives "
+                                      "clients - threshold drops (0: a majority)")
+
+    @property
+    def dp_sgd(self) -> bool:
+        return self.dp_clip_norm > 0
+
     def validate(self) -> None:
         DEFENCES.check(self.defence, "privacy.defence")
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
+            raise UserError("privacy.dp_clip_norm and dp_noise_multiplier must be >= 0")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
+            raise UserError("privacy.dp_noise_multiplier needs privacy.dp_clip_norm > 0 (noise is scaled by it)")
         if self.clip_norm < 0 or self.noise_multiplier < 0 or self.nopeek_weight < 0:
             raise UserError("privacy.clip_norm, noise_multiplier and nopeek_weight must be >= 0")
         if self.noise_multiplier > 0 and self.clip_norm == 0:
@@ -302,6 +325,17 @@ class RunConfig:
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
         self.privacy.validate()
+        algo = ALGORITHMS[self.algorithm]
+        if self.privacy.secure_aggregation and (not algo.averages_clients or self.clients < 2
+                                                or self.privacy.secagg_clip <= 0 or self.privacy.secagg_threshold < 0
+                                                or self.privacy.secagg_threshold > self.clients):
+            raise UserError("privacy.secure_aggregation needs an algorithm that averages client adapters (fed, "
+                            "splitlora), >= 2 clients, secagg_clip > 0 and 0 <= secagg_threshold <= clients")
+        if self.privacy.dp_sgd and self.u_shape and not algo.whole_clients:
+            raise UserError("privacy.dp_clip_norm (DP-SGD) covers the two-part split, fed and cen; the U-shape is not supported")
+        if self.privacy.dp_sgd and "fp16" in (self.dtype, self.server_dtype):
+            raise UserError("privacy.dp_clip_norm (DP-SGD) clips true per-example gradients: use dtype bf16 or fp32, "
+                            "not fp16 (its loss scaler scales them)")
         self.aggregation.validate()
         return self
 

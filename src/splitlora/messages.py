@@ -19,6 +19,7 @@ command            reply                      meaning
 ``HandOut``        :class:`Handover`          ``sl``: the client-side adapter and optimiser state
 ``HandIn``         -                          ``sl``: continue from that hand-over
 ``Finish``         -                          the run is over (or the server stops)
+``SecAgg``         :class:`SecAggReply`       one stage of a secure-aggregation round (privacy/secagg.py)
 =================  =========================  =====================================================
 """
 
@@ -114,6 +115,16 @@ class Finish:
     reason: str = ""
 
 
+@dataclass
+class SecAgg:
+    """Stage ``stage`` (keys, share, mask, unmask) of secure-aggregation round ``round``; ``data``: the
+    stage's input, struct-packed by :mod:`splitlora.privacy.secagg` (replaces Upload when on)."""
+
+    round: int
+    stage: str
+    data: bytes = b""
+
+
 # ---- client -> server -------------------------------------------------------------------------
 
 @dataclass
@@ -146,12 +157,19 @@ class AdapterUpdate:
     num_samples: int
 
 
-Command = Sync | Forward | Backward | Tail | LocalStep | Upload | Load | HandOut | HandIn | Finish
-Reply = Activations | TailGrad | StepDone | AdapterUpdate | Handover
+@dataclass
+class SecAggReply:
+    round: int
+    stage: str
+    data: bytes
+
+
+Command = Sync | Forward | Backward | Tail | LocalStep | Upload | Load | HandOut | HandIn | Finish | SecAgg
+Reply = Activations | TailGrad | StepDone | AdapterUpdate | Handover | SecAggReply
 
 # command type -> the reply type it expects (absent: no reply)
 REPLY_OF: dict[type, type] = {Forward: Activations, Tail: TailGrad, LocalStep: StepDone, Upload: AdapterUpdate,
-                              HandOut: Handover}
+                              HandOut: Handover, SecAgg: SecAggReply}
 
 
 # ---- bytes, as they would cross the wire ------------------------------------------------------
@@ -177,6 +195,8 @@ def payload_nbytes(msg, wire_dtype: torch.dtype) -> int:
             total += state_nbytes(value)
         elif isinstance(value, Handover):
             total += payload_nbytes(value, wire_dtype)
+        elif isinstance(value, bytes):
+            total += len(value)
     return total
 
 

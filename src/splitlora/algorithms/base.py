@@ -48,6 +48,7 @@ class Algorithm:
     sends_activations = True  # whether activations cross the cut (what the leakage audit attacks)
     every_client_steps = True  # every (sampled) client works at every step (sl: one client at a time)
     samples_clients = False  # honours ``clients_per_round`` (a seeded sample of clients per round)
+    averages_clients = False  # averages the clients' adapters (what secure aggregation can mask)
     not_deployable: str | None = None  # why ``serve`` cannot run it (None: it can)
 
     @classmethod
@@ -144,9 +145,14 @@ class Algorithm:
         """FedAvg of the live clients' adapters (robust, see runtime.aggregator); the average goes back."""
         self.aggregated_at = step
         before = self.grid.traffic.copy()
-        ups = ask_all(self.grid, self.alive(), lambda c: Upload(self.round))
-        avg = self.aggregator([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
-                              self.global_state, self.grid.min_clients)
+        if self.cfg.privacy.secure_aggregation:  # the server sees only the sum: no per-upload rules
+            from .secure import secure_fedavg
+
+            avg, ups = secure_fedavg(self.grid, self.alive(), self.round, self.global_state, self.cfg)
+        else:
+            ups = ask_all(self.grid, self.alive(), lambda c: Upload(self.round))
+            avg = self.aggregator([(c.name, c.index, u.num_samples, u.state) for c, u in ups.items()],
+                                  self.global_state, self.grid.min_clients)
         self.round += 1
         send = avg.state
         if avg.state is not None:

@@ -11,6 +11,7 @@ from .base import Algorithm, StepResult, weighted_loss
 
 class FedLoRA(Algorithm):
     name = "fed"
+    averages_clients = True
     holds_server_part = False
     whole_clients = True
     sends_activations = False  # only adapters cross, to the aggregator

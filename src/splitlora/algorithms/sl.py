@@ -115,13 +115,16 @@ class SplitLearning(Algorithm):
         return {**super().state_dict(), "server_lora": self.server.lora_state(),
                 "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
                 "handover": {"state": h.state, "exp_avg": h.exp_avg, "exp_avg_sq": h.exp_avg_sq,
-                             "opt_steps": h.opt_steps}}
+                             "opt_steps": h.opt_steps},
+                **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         load_lora_state(self.server.part, state["server_lora"])
         self.server.optimizer.load_state_dict(state["server_optimizer"])
         self.server.rng.load_state_dict(state["server_rng"])
+        if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
+            self.server.dp.load_state_dict(state["server_dp"])
         h = state["handover"]
         self.handover = Handover(h["state"], h["exp_avg"], h["exp_avg_sq"], int(h["opt_steps"]))
         self.holder, self.taken = None, 0

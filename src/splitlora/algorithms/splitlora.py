@@ -11,6 +11,7 @@ from .shapes import round_trip
 
 class SplitLoRA(Algorithm):
     name = "splitlora"
+    averages_clients = True
     samples_clients = True
 
     def __init__(self, cfg, source, grid, device="cpu"):
@@ -52,7 +53,8 @@ class SplitLoRA(Algorithm):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server_lora": self.server.lora_state(),
-                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict()}
+                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         from ..models.lora import load_lora_state
@@ -61,3 +63,5 @@ class SplitLoRA(Algorithm):
         load_lora_state(self.server.part, state["server_lora"])
         self.server.optimizer.load_state_dict(state["server_optimizer"])
         self.server.rng.load_state_dict(state["server_rng"])
+        if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
+            self.server.dp.load_state_dict(state["server_dp"])

@@ -13,6 +13,7 @@ Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME*.png``; 
 ``privacy``   what the server reconstructs (tokens, labels) per split and defence, beside its utility
 ``ray``       the Ray backend: throughput and cost per step vs in process for 1..8 client actors, memory per actor
 ``gpu``       one GPU, bf16: splitlora vs a plain PEFT loop (8B-shaped and SmolLM2), memory per party, cuda tests
+``secagg``    secure aggregation: bytes and seconds of one round for 3 and 10 sites at the real adapter size
 =========== ===================================================================================
 
 ``all`` runs the timing suite (the first five); ``quality`` is a long real-data run of its own
@@ -31,7 +32,7 @@ from ..errors import UserError
 from .common import BenchResult, Options, check_device, log, machine_info, sets_for, write_result
 
 BENCHMARKS = ("overhead", "scale", "memory", "wire", "ttq")  # what ``all`` runs
-EXTRA = ("quality", "privacy", "ray", "gpu")  # run only by name
+EXTRA = ("quality", "privacy", "ray", "gpu", "secagg")  # run only by name
 NAMES = (*BENCHMARKS, *EXTRA, "all")
 
 

@@ -56,6 +56,13 @@ def epsilon(noise_multiplier: float, count: int, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def epochs_touched(batches: int, batch_size: int, n: int) -> int:
+    """Passes over a client's ``n`` examples that ``batches`` batches start (each example is in one
+    batch per pass: a shuffle per epoch, the partial last batch kept)."""
+    per_epoch = math.ceil(max(n, 1) / batch_size)
+    return math.ceil(batches / per_epoch)
+
+
 def releases_per_example(cfg: RunConfig, client_sizes: list[int]) -> int:
     """How often the worst-placed example is released over the run (epochs of its client x tensors)."""
     per_step = 2 if cfg.u_shape else 1
@@ -64,6 +71,44 @@ def releases_per_example(cfg: RunConfig, client_sizes: list[int]) -> int:
         batches = ALGORITHMS[cfg.algorithm].batches_drawn(cfg, index, cfg.steps)
         worst = max(worst, math.ceil(batches * cfg.batch_size / max(n, 1)))
     return worst * per_step
+
+
+# ---- DP-SGD of the released adapter (privacy/dpsgd.py) -------------------------------------------------
+#
+# Each step releases (to whoever gets the adapter, and to the parties that see the LoRA tensors) a sum of
+# per-example gradients, each clipped to C jointly over both sides of the cut, plus N(0, (sigma C)^2) per
+# coordinate. Replace-one adjacency: swapping one record moves that sum by at most 2C, so a step is a
+# Gaussian mechanism with multiplier sigma / 2 for the records in its batch. Batches are shuffled,
+# not Poisson-sampled: no amplification by subsampling is claimed; a record is in one batch per pass
+# over its site's data, so its epsilon is that of ``epochs_touched`` compositions (RDP, dp-accounting).
+# Every step before that only post-processes (AdamW, FedAvg), so the released adapter carries it.
+
+def dp_sgd_epsilon(noise_multiplier: float, epochs: int, delta: float) -> float:
+    """epsilon per record after its site's data was passed over ``epochs`` times (0 before any)."""
+    if epochs <= 0:
+        return 0.0
+    return epsilon(noise_multiplier / 2, epochs, delta)
+
+
+def dp_sgd_epsilons(cfg: RunConfig, clients, steps: int) -> dict[str, float]:
+    """``{site name: epsilon per record}`` after ``steps`` steps; ``clients``: objects with ``name``,
+    ``index`` and ``num_samples`` (the algorithm's members)."""
+    p = cfg.privacy
+    out = {}
+    for c in clients:
+        epochs = epochs_touched(ALGORITHMS[cfg.algorithm].batches_drawn(cfg, c.index, steps), cfg.batch_size, c.num_samples)
+        out[c.name] = _cached_dp_epsilon(p.dp_noise_multiplier, epochs, p.delta)
+    return out
+
+
+_CACHE: dict[tuple, float] = {}
+
+
+def _cached_dp_epsilon(sigma: float, epochs: int, delta: float) -> float:
+    key = (sigma, epochs, delta)
+    if key not in _CACHE:
+        _CACHE[key] = dp_sgd_epsilon(sigma, epochs, delta)
+    return _CACHE[key]
 
 
 def guarantee(cfg: RunConfig, client_sizes: list[int]) -> Guarantee | None:

@@ -22,11 +22,12 @@ from ..config import RunConfig
 from ..data.batching import IGNORE, BatchStream, Encoded
 from ..device import PartyRng, party_seed, to_device
 from ..messages import (Activations, AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load,
-                        LocalStep, StepDone, Sync, Tail, TailGrad, Upload)
+                        LocalStep, SecAgg, SecAggReply, StepDone, Sync, Tail, TailGrad, Upload)
 from ..models.lora import load_lora_state, lora_state
 from ..models.precision import compute_dtype
 from ..models.split import client_forward, tail_forward
 from ..privacy.defences import nopeek_loss
+from ..privacy.dpsgd import DpSgd, party_bound, per_example_losses
 from ..registry import DEFENCES
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
@@ -52,13 +53,18 @@ class ClientApp:
         self.optimizer = Optimizer(part, cfg, cfg.steps)
         self.rng = PartyRng(party_seed(cfg.seed, f"client:{index}"), self.device)
         self.protect = DEFENCES[cfg.privacy.defence](cfg.privacy, party_seed(cfg.seed, f"noise:{index}"), self.device)
+        p = cfg.privacy
+        self.dp = DpSgd(part, party_bound(p.dp_clip_norm, split=not whole), p.dp_noise_multiplier * p.dp_clip_norm,
+                        party_seed(cfg.seed, f"dp:{index}"), self.device) if p.dp_sgd else None
         self.snapshots: dict[int, dict] = {}  # batches drawn -> optimiser and RNG state at a round boundary
         self.finished: Finish | None = None
         self.hooks: list[Hook] = []
         self._open = None  # (step, batch, hidden, sent, embeddings) between Forward and Backward
         self._handlers = {Sync: self._sync, Forward: self._forward, Backward: self._backward, Tail: self._tail,
                           LocalStep: self._local_step, Upload: self._upload, Load: self._load,
-                          HandOut: self._hand_out, HandIn: self._hand_in, Finish: self._finish}
+                          HandOut: self._hand_out, HandIn: self._hand_in, Finish: self._finish,
+                          SecAgg: self._secagg}
+        self._secure = None  # this round's SecAggClient
 
     def _stream(self) -> BatchStream:
         return BatchStream(self.items, self.cfg.batch_size, self.pad_id, seed=(self.cfg.seed, self.index))
@@ -132,6 +138,8 @@ class ClientApp:
                 grads.append(self.optimizer.scale(torch.ones((), device=sent.device), tensors[-1].dtype))
             torch.autograd.backward(tensors, grads)
             self._open = None
+            if self.dp is not None:  # the server sent d(sum of per-example losses)/dh: per-example grads here
+                self.dp.privatise()
             self._optimizer_step()
 
     def _expect(self, step: int, what: str):
@@ -149,6 +157,8 @@ class ClientApp:
         if not self.optimizer.grads_ok():
             # Gradients this client computed itself from bounded inputs; never step on non-finite ones.
             self.optimizer.zero_grad()
+            if self.dp is not None:
+                self.dp.reset(activations=True)
             raise ProtocolError("non-finite gradient: step not applied")
         self.optimizer.step()
 
@@ -159,8 +169,15 @@ class ClientApp:
         batch = self._next_batch()
         with self._observe("whole", cmd.step, tuple(batch["input_ids"].shape), batch):
             self.part.train()
-            loss = self.part(**batch).loss  # transformers' own forward and loss
-            self.optimizer.scale(loss).backward()
+            if self.dp is None:
+                loss = self.part(**batch).loss  # transformers' own forward and loss
+                self.optimizer.scale(loss).backward()
+            else:  # DP-SGD: the sum of per-example losses, each example's gradient clipped and noised
+                logits = self.part(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses, _ = per_example_losses(logits, batch["labels"])
+                losses.sum().backward()
+                self.dp.privatise()
+                loss = ForCausalLMLoss(logits.detach(), batch["labels"], logits.shape[-1])  # reported as without DP
             self._optimizer_step()
         return StepDone(cmd.step, float(loss.detach()), int((batch["labels"][:, 1:] != IGNORE).sum()))
 
@@ -169,6 +186,37 @@ class ClientApp:
         # A round boundary: remember where we are, to come back here if the server resumes here.
         self.snapshots[self.batches] = self._snapshot()
         return AdapterUpdate(cmd.round, lora_state(self.part), self.num_samples)
+
+    def _secagg(self, cmd: SecAgg) -> SecAggReply:
+        """Secure aggregation: this client's side of one stage; its adapter leaves only masked."""
+        import struct
+
+        import numpy as np
+
+        from ..privacy import secagg
+
+        try:
+            if cmd.stage == "keys":
+                self._secure = secagg.SecAggClient(self.index, secagg.unpack_params(cmd.data))
+                out = self._secure.advertise()
+                data = out.c_public + out.s_public
+            elif self._secure is None or self._secure.p.round != cmd.round:
+                raise secagg.SecAggError(f"stage {cmd.stage!r} of round {cmd.round} before its keys")
+            elif cmd.stage == "share":
+                data = secagg.pack_blobs(self._secure.share(secagg.unpack_keys(cmd.data)))
+            elif cmd.stage == "mask":
+                self.snapshots[self.batches] = self._snapshot()  # a round boundary, as for Upload
+                state = lora_state(self.part)
+                flat = np.concatenate([state[k].double().flatten().numpy() for k in sorted(state)])
+                weight = min(self.num_samples, self._secure.p.max_weight)
+                data = secagg.pack_vector(self._secure.masked_input(secagg.unpack_blobs(cmd.data), flat, weight))
+            elif cmd.stage == "unmask":
+                data = secagg.pack_unmasking(self._secure.unmask(*secagg.unpack_roster(cmd.data)))
+            else:
+                raise secagg.SecAggError(f"unknown stage {cmd.stage!r}")
+        except (secagg.SecAggError, struct.error, ValueError) as exc:
+            raise ProtocolError(f"secure aggregation: {exc}") from None
+        return SecAggReply(cmd.round, cmd.stage, data)
 
     def _load(self, cmd: Load) -> None:
         if cmd.state is not None:  # None: the round was not aggregated; keep the local adapter
@@ -193,6 +241,8 @@ class ClientApp:
         server went back to a checkpoint): rewind to the snapshot taken at that round boundary."""
         self._open = None
         self.optimizer.zero_grad()
+        if self.dp is not None:
+            self.dp.reset(activations=True)
         if cmd.batches < self.batches:
             self.stream, self.batches = self._stream(), 0
             snap = self.snapshots.get(cmd.batches)
@@ -213,11 +263,16 @@ class ClientApp:
         self.snapshots.setdefault(self.batches, self._snapshot())
 
     def _snapshot(self) -> dict:
-        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.state_dict()}
+        snap = {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.state_dict()}
+        if self.dp is not None:
+            snap["dp"] = self.dp.state_dict()
+        return snap
 
     def _restore(self, snap: dict) -> None:
         self.optimizer.load_state_dict(snap["optimizer"])
         self.rng.load_state_dict(snap["rng"])
+        if self.dp is not None and "dp" in snap:
+            self.dp.load_state_dict(snap["dp"])
 
     def _finish(self, cmd: Finish) -> None:
         self.finished = cmd

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
+from ..privacy.accounting import dp_sgd_epsilons
 from .grid import Traffic
 from .metrics import MetricsLog
 
@@ -65,6 +66,9 @@ def step_row(t: int, result, algo: Algorithm, totals: Totals, traffic: Traffic, 
            "clients": result.clients}
     if totals.traffic.wire_up or totals.traffic.wire_down:
         row["wire_bytes_up"], row["wire_bytes_down"] = traffic.wire_up, traffic.wire_down
+    if algo.cfg.privacy.dp_sgd:  # DP-SGD: epsilon per record of each site so far (privacy/accounting.py)
+        sites = dp_sgd_epsilons(algo.cfg, algo.members, t + 1)
+        row["epsilon"], row["epsilon_sites"] = max(sites.values(), default=0.0), sites
     return row
 
 
@@ -120,6 +124,8 @@ def run_loop(cfg: RunConfig, algo: Algorithm, metrics: MetricsLog, *, totals: To
                 checkpointer.save(algo, totals)
             shown = {"loss": f"{result.loss:.3f}" if result.loss is not None else "-",
                      "tok_s": f"{totals.tokens / max(elapsed(), 1e-9):.0f}"}
+            if cfg.privacy.dp_sgd:
+                shown["eps"] = f"{max(dp_sgd_epsilons(cfg, algo.members, t + 1).values(), default=0.0):.2f}"
             if algo.every_client_steps and result.clients != (cfg.clients_per_round or algo.parties(cfg)):
                 shown["clients"] = result.clients
             bar.set_postfix(**shown)

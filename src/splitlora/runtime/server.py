@@ -36,6 +36,7 @@ from ..messages import Activations, Backward, Tail, TailGrad
 from ..models.lora import lora_state
 from ..models.precision import compute_dtype
 from ..models.split import server_forward
+from ..privacy.dpsgd import DpSgd, party_bound, per_example_losses
 from .hooks import Hook, Work, observe
 from .optim import Optimizer
 
@@ -90,6 +91,9 @@ class SplitServer:
         self.rng = PartyRng(party_seed(cfg.seed, "server"), self.device)
         self.hooks: list[Hook] = []
         self.influence = InfluenceBound(cfg.aggregation.tail_grad_ratio)
+        p = cfg.privacy
+        self.dp = DpSgd(part, party_bound(p.dp_clip_norm, split=True), p.dp_noise_multiplier * p.dp_clip_norm,
+                        party_seed(cfg.seed, "dp:server"), self.device) if p.dp_sgd else None
         self._open = None  # U-shape: the middle's graph between forward and backward
 
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -114,13 +118,19 @@ class SplitServer:
                 bad = self._bad_rows(logits, labels, ups) if not torch.isfinite(loss) else []
                 if not bad:
                     scale = self.optimizer.loss_scale
-                    self.optimizer.scale(loss).backward()
+                    if self.dp is None:
+                        self.optimizer.scale(loss).backward()
+                    else:  # DP-SGD (never under fp16's loss scaler): each example's gradient (and its dL/dh) from its own loss
+                        per_example_losses(logits, labels)[0].sum().backward()
+                        self.dp.privatise()
                     if self.optimizer.grads_ok():
                         self.optimizer.step()
                         return self._replies(ups, self.optimizer.unscale(hidden.grad, scale),
                                              float(loss.detach())), refused
                     bad = self._culprits([c for c, _ in ups], self._two_part_alone(ups))
                 self.optimizer.zero_grad()
+                if self.dp is not None:
+                    self.dp.reset(activations=True)
             refused.clients += [c for c, _ in ups if c in bad]
             refused.reason = "its batch made the server's loss or gradients non-finite"
             ups = [(c, a) for c, a in ups if c not in bad]

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from ..data.batching import IGNORE
 from ..messages import (LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, STATE_WIRE_DTYPE, WIRE_DTYPES, Activations,
                         AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load, LocalStep,
-                        StepDone, Sync, Tail, TailGrad, Upload)
+                        SecAgg, SecAggReply, StepDone, Sync, Tail, TailGrad, Upload)
 from ..runtime.optim import BETAS
 from . import splitlora_pb2 as pb
 
@@ -235,6 +235,8 @@ def command_to_proto(cmd, command_id: int, wire_dtype: str) -> pb.Command:
         return pb.Command(id=command_id, hand_in=pb.HandInMsg(step=cmd.step, handover=handover_to_proto(cmd.handover)))
     if isinstance(cmd, Finish):
         return pb.Command(id=command_id, finish=pb.FinishMsg(stop=cmd.stop, reason=cmd.reason))
+    if isinstance(cmd, SecAgg):
+        return pb.Command(id=command_id, secagg=pb.SecAggMsg(round=cmd.round, stage=cmd.stage, data=cmd.data))
     raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
@@ -294,6 +296,8 @@ def command_from_proto(msg: pb.Command, view: ClientView):
                                                                   lim.max_abs))
     if kind == "finish":
         return Finish(msg.finish.stop, msg.finish.reason[:500])
+    if kind == "secagg":
+        return SecAgg(_check_count(msg.secagg.round, view.steps, "round"), *_secagg_body(msg.secagg))
     if kind == "wait":
         return WAIT
     raise WireError(f"unknown command {kind!r}")
@@ -322,6 +326,8 @@ def reply_to_proto(reply, session: int, reply_to: int, wire_dtype: str) -> pb.Cl
                                            state=state_to_proto(reply.state)))
     elif isinstance(reply, Handover):
         msg.handover.CopyFrom(handover_to_proto(reply))
+    elif isinstance(reply, SecAggReply):
+        msg.secagg.CopyFrom(pb.SecAggMsg(round=reply.round, stage=reply.stage, data=reply.data))
     else:
         raise TypeError(f"not a reply: {type(reply).__name__}")
     return msg
@@ -343,7 +349,7 @@ def reply_from_proto(msg: pb.ClientMessage, expect: Expect):
     cmd, lim = expect.command, expect.lim
     kind = msg.WhichOneof("payload")
     want = {Forward: "activations", Tail: "tail_grad", LocalStep: "step_done", Upload: "adapter",
-            HandOut: "handover"}[type(cmd)]
+            HandOut: "handover", SecAgg: "secagg"}[type(cmd)]
     if kind != want:
         raise WireError(f"the reply to {type(cmd).__name__} must be {want}, got {kind or 'nothing'}")
 
@@ -394,7 +400,34 @@ def reply_from_proto(msg: pb.ClientMessage, expect: Expect):
             raise WireError(f"adapter of round {m.round}, the server asked for round {cmd.round}")
         return AdapterUpdate(int(m.round), state_from_proto(m.state, expect.shapes, "adapter", lim.max_abs),
                              int(m.num_samples))
+    if kind == "secagg":
+        m = msg.secagg
+        stage, data = _secagg_body(m)
+        if m.round != cmd.round or stage != cmd.stage:
+            raise WireError(f"secure aggregation: a reply to {stage!r} of round {m.round}, the server asked for "
+                            f"{cmd.stage!r} of round {cmd.round}")
+        if stage == "mask":  # one value per LoRA coordinate and the weight, 8 bytes each
+            want = 8 * (sum(math.prod(s) for s in expect.shapes.values()) + 1)
+            if len(data) != want:
+                raise WireError(f"secure aggregation: a masked input of {len(data)} bytes, expected {want}")
+        elif stage == "keys" and len(data) != 64:
+            raise WireError("secure aggregation: keys must be two 32-byte X25519 public keys")
+        return SecAggReply(int(m.round), stage, data)
     return handover_from_proto(msg.handover, expect.shapes, expect.steps, lim.max_abs)
+
+
+SECAGG_STAGES = ("keys", "share", "mask", "unmask")
+SECAGG_MAX_BYTES = 1 << 22  # any stage but a masked input: keys, shares and rosters of a few thousand clients
+
+
+def _secagg_body(m: pb.SecAggMsg) -> tuple[str, bytes]:
+    """Stage and data of a secure-aggregation message, checked for what the wire can check (the
+    content is parsed and checked by privacy/secagg.py)."""
+    if m.stage not in SECAGG_STAGES:
+        raise WireError(f"secure aggregation: unknown stage {m.stage[:20]!r}")
+    if m.stage != "mask" and len(m.data) > SECAGG_MAX_BYTES:
+        raise WireError(f"secure aggregation: {len(m.data)} bytes for stage {m.stage!r}")
+    return m.stage, bytes(m.data)
 
 
 def message_payload_bytes(msg) -> int:
@@ -405,7 +438,7 @@ def message_payload_bytes(msg) -> int:
             continue
         items = value if field_desc.is_repeated else [value]
         for item in items:
-            total += len(item.data) if isinstance(item, pb.Tensor) else message_payload_bytes(item)
+            total += len(item.data) if isinstance(item, (pb.Tensor, pb.SecAggMsg)) else message_payload_bytes(item)
     return total
 
 
