@@ -25,8 +25,11 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .messages import WIRE_DTYPES
 
+# The built-in algorithms and wire dtypes, known here without importing torch so that a config is checked
+# before the heavy imports (the registries, ALGORITHMS and messages.WIRE_DTYPES, stay the authority).
+BUILTIN_ALGORITHMS = ("splitlora", "sl", "fed", "cen")
+WIRE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 SERVER_MODES = ("sequential", "batched")
 SPLIT_SHAPES = ("two-part", "u-shape")
 OUTLIER_ACTIONS = ("reject", "clip")
@@ -37,9 +40,16 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None):
-    """A dataclass field with its help text (and command-line flag) attached."""
-    meta = {"help": help, **({"flag": flag} if flag else {})}
+def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None,
+           group: str | None = None, choices: tuple | None = None):
+    """A dataclass field with its help text (and command-line flag) attached.
+
+    ``group``: the section of ``--help`` the flag is listed in (default: the one of its dataclass;
+    RunConfig's own fields: see ``splitlora.cli.RUN_GROUPS``). ``choices``: the allowed values, shown
+    in ``--help`` (``validate`` enforces them).
+    """
+    meta = {"help": help, **({"flag": flag} if flag else {}), **({"group": group} if group else {}),
+            **({"choices": tuple(choices)} if choices else {})}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -99,7 +109,7 @@ class Aggregation:
         3.0, "an upload whose change from the current average has an L2 norm above this many times "
              "max(median change of the other clients of the round, norm of the average) is an outlier (0: no bound)")
     outliers: str = option("reject", "what happens to an outlier: reject (left out of the average) or clip "
-                                     "(its change scaled down to the bound)")
+                                     "(its change scaled down to the bound)", choices=OUTLIER_ACTIONS)
     max_samples_per_client: int = option(
         100_000, "the most samples a client's FedAvg weight counts (a larger declared count is capped and logged)",
         flag="--max-samples-per-client")
@@ -128,7 +138,9 @@ class Aggregation:
 class RunConfig:
     """Everything that defines a run. Defaults are the default job (``splitlora train``)."""
 
-    algorithm: str = option("splitlora", "splitlora | sl | fed | cen (see README, Algorithms)", flag="--algorithm")
+    algorithm: str = option("splitlora", "splitlora (the paper's), sl (split learning), fed (FedLoRA) or cen "
+                                         "(centralised); see the README's Algorithms", flag="--algorithm",
+                            choices=BUILTIN_ALGORITHMS)
     model: str = option("smollm2-135m", "a preset (smollm2-135m, tiny-gpt2, tiny-llama, gpt2-small, gpt2-medium), "
                                         "a local model directory, a .gguf file or a hub id", flag="--model")
     data: str = option("synthetic", "synthetic, an E2E CSV file (columns mr, ref) or a folder of them",
@@ -143,7 +155,7 @@ class RunConfig:
     split_shape: str = option("two-part", "two-part (the paper's: the server runs blocks K.. and the head, and "
                                           "receives the labels) or u-shape (the client also runs the last "
                                           "tail_layers blocks, the norm and the head: labels stay home)",
-                              flag="--split-shape")
+                              flag="--split-shape", choices=SPLIT_SHAPES)
     tail_layers: int = option(1, "T, with split_shape u-shape: the client also runs blocks L-T..L-1 (T >= 0)",
                               flag="--tail-layers")
     partition: str = option("iid", "how the training data is split over clients: iid, contiguous or "
@@ -160,9 +172,9 @@ class RunConfig:
                                   flag="--aggregate-every")
     server_mode: str = option("sequential", "splitlora: sequential (one server step per client batch, the "
                                             "paper's code) or batched (one server step over all clients' batches)",
-                              flag="--server-mode")
-    wire_dtype: str = option("fp32", f"dtype of activations and gradients crossing the cut: {', '.join(WIRE_DTYPES)}",
-                             flag="--wire-dtype")
+                              flag="--server-mode", choices=SERVER_MODES)
+    wire_dtype: str = option("fp32", "dtype of activations and gradients crossing the cut", flag="--wire-dtype",
+                             choices=WIRE_DTYPE_NAMES)
     client_lora: LoraSide = option(help="LoRA of the client side", factory=LoraSide)
     server_lora: LoraSide = option(help="LoRA of the server side", factory=LoraSide)
     privacy: Privacy = option(help="protection of what leaves a client", factory=Privacy)
@@ -181,11 +193,12 @@ class RunConfig:
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
-        from .algorithms import ALGORITHMS  # the one registry of algorithm names
+        if self.algorithm not in BUILTIN_ALGORITHMS:
+            from .algorithms import ALGORITHMS  # the one registry: a registered algorithm (imports torch)
 
-        if self.algorithm not in ALGORITHMS:
-            raise UserError(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
-        for name, allowed in (("server_mode", SERVER_MODES), ("wire_dtype", tuple(WIRE_DTYPES)),
+            if self.algorithm not in ALGORITHMS:
+                raise UserError(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
+        for name, allowed in (("server_mode", SERVER_MODES), ("wire_dtype", WIRE_DTYPE_NAMES),
                               ("split_shape", SPLIT_SHAPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -205,8 +218,6 @@ class RunConfig:
             raise UserError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         if self.max_grad_norm < 0:
             raise UserError(f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
-        from .data.partition import parse_partition  # local import: data imports config
-
         parse_partition(self.partition)
         if "{mr}" not in self.prompt_template:
             raise UserError("prompt_template must contain {mr}")
@@ -340,7 +351,7 @@ class RayOptions:
 
     backend: str = option("inprocess", "inprocess (every party in this process; the default) or ray (clients "
                                        "as Ray actors, the server as one more; pip install 'splitlora[ray]')",
-                          flag="--backend")
+                          flag="--backend", choices=BACKENDS)
     address: str | None = option(None, "with --backend ray: the cluster to join, auto (the one `ray start` runs on "
                                        "this machine) or HOST:PORT (its head); default: start a local one",
                                  flag="--ray-address")
@@ -414,6 +425,21 @@ def parse_device_map(spec: str) -> str | dict[str, str]:
     return out
 
 
+def parse_partition(spec: str) -> tuple[str, float | None]:
+    """``iid``, ``contiguous`` or ``dirichlet:ALPHA`` as ``(kind, alpha)``."""
+    if spec in ("iid", "contiguous"):
+        return spec, None
+    if spec.startswith("dirichlet:"):
+        try:
+            alpha = float(spec.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if alpha <= 0:
+            raise UserError(f"partition dirichlet:ALPHA needs ALPHA > 0 (got {spec!r})")
+        return "dirichlet", alpha
+    raise UserError(f"partition must be iid, contiguous or dirichlet:ALPHA (got {spec!r})")
+
+
 def check_client_name(name: str, where: str) -> str:
     if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
         raise UserError(f"{where}: a client name is 1 to 64 letters, digits, '.', '_' or '-' (got {name!r:.80})")
@@ -439,17 +465,44 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+_ESCAPES = re.compile(r"\\(\\|n|t)")
+_QUOTED = re.compile(r"""\A(?:'.*'|".*")\Z""", re.S)
+
+
+def parse_value(text: str) -> Any:
+    """One ``--set`` value. What is clearly a number, a boolean, null or a ``[list]`` is read as YAML;
+    a quoted value is a YAML string; anything else stays the string typed, with ``\\n``, ``\\t`` and
+    ``\\\\`` read as escapes, so that ``--set prompt_template='Q: {mr}\\nA:'`` is the template
+    ``"Q: {mr}" + newline + "A:"`` (YAML would read ``{mr}`` as a mapping and fold the newline)."""
+    stripped = text.strip()
+    if _QUOTED.match(stripped) or stripped.startswith("[") or stripped.lower() in ("null", "~", "true", "false"):
+        try:
+            value = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            raise UserError(f"--set value {text!r:.80} is not valid YAML") from None
+        if value is None or isinstance(value, (bool, str, list)):
+            return value
+    try:
+        return int(stripped)
+    except ValueError:
+        pass
+    try:
+        value = float(stripped)
+        if math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    return _ESCAPES.sub(lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], text)
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """Parse ``--set key=value`` items; values are read as YAML scalars (``8``, ``1e-3``, ``null``)."""
+    """Parse ``--set key=value`` items (values: :func:`parse_value`)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise UserError(f"--set expects key=value (got {item!r})")
         key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
+        out[key.strip()] = parse_value(value)
     return out
 
 
@@ -492,6 +545,11 @@ def _coerce(hint, value, key: str):
             raise UserError(f"{key} must be an integer (got {value!r})")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key} must be a number (got {value!r})")
         if not math.isfinite(float(value)):
