@@ -172,3 +172,26 @@ def test_a_preset_adapter_names_the_hub_id_and_records_the_local_base(tmp_path):
     base = json.loads((out / "adapter" / "base_model.json").read_text())
     assert "Q4_1" in base["conversion"] and len(base["gguf_sha256"]) == 64
     assert (__import__("pathlib").Path(base["local_path"]) / "config.json").is_file()
+
+
+def test_eval_uses_the_run_s_own_held_out_rows_beside_a_user_csv(tmp_path, capsys):
+    from splitlora.eval.generate import HELD_OUT, resolve_data
+
+    data = tmp_path / "mine.csv"  # a user's file: no testset_w_refs.csv next to it
+    data.write_text("mr,ref\n" + "".join(f"name[P{i}],P{i} is a place.\n" for i in range(12)))
+    assert resolve_data(str(data), None, "test") == HELD_OUT
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--data", str(data), "--set", "val_fraction=0.25", "--out", str(out)]) == 0
+    assert cli.main(["eval", "--run", str(out), "--limit", "2", "--beams", "1", "--max-new-tokens", "3",
+                     "--quiet"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["data"] == f"{data} (held-out MRs)"
+
+
+def test_eval_of_a_served_run_asks_for_the_data(tmp_path, capsys):
+    run = tmp_path / "served"
+    run.mkdir()
+    RunConfig().save(run / "config.yaml")
+    (run / "run.json").write_text('{"command": "serve"}')
+    assert cli.main(["eval", "--run", str(run)]) == 2
+    assert "served run" in capsys.readouterr().err

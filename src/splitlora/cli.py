@@ -67,8 +67,8 @@ GROUP_ORDER = ("data", "model and split", "LoRA", "algorithm", "privacy", "robus
 # What `serve` does not take: the training data is the clients' (each passes its own --data).
 CLIENT_DATA_KEYS = ("data", "synthetic_examples", "partition", "partition_key")
 # What a run writes into its folder (--overwrite removes these, and nothing else).
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics.csv", "adapter", "adapters", "checkpoint", "tensorboard", "endpoint",
-               "eval.json", "predictions.txt")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics.csv", "adapter", "adapters", "checkpoint", "tensorboard",
+               "endpoint", "eval.json", "predictions.txt", "run.json")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -290,13 +290,19 @@ def prepare_out(args: argparse.Namespace, command: str, resume: bool = False) ->
     return out
 
 
-def announce(out: Path, resume: bool = False) -> None:
+def announce(out: Path, command: str, resume: bool = False) -> None:
+    """Clear an overwritten run's outputs, say where this one writes, and record which command wrote it
+    (``DIR/run.json``: ``eval`` reads it to know that a served run's data stayed with its clients)."""
+    import json
+
     if resume:
         print(f"{'resuming' if (out / 'checkpoint').exists() else 'writing'} run in {out}", flush=True)
-        return
-    if out.is_dir() and any(out.iterdir()):
-        clear_outputs(out)
-    print(f"writing run to {out}", flush=True)
+    else:
+        if out.is_dir() and any(out.iterdir()):
+            clear_outputs(out)
+        print(f"writing run to {out}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"command": command, "splitlora": __version__}) + "\n")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -306,7 +312,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = backend_options(args, cfg)
     out = prepare_out(args, "train")
     check_before_loading(cfg)
-    announce(out)
+    announce(out, "train")
     from .train import train
 
     result = train(cfg, out, progress=not args.quiet, backend=opts)

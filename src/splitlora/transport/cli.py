@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     tls_key=_pem(args.tls_key, "--tls-key"), max_message_bytes=int(args.max_message_mb * (1 << 20)),
                     progress=not args.quiet)
     check_before_loading(cfg, data="synthetic")  # the data is the clients'
-    announce(out, resume=args.resume)
+    announce(out, "serve", resume=args.resume)
     r = serve(cfg, opts, out)
     first = f"{r.first_loss:.4f}" if r.first_loss is not None else "n/a"
     last = f"{r.last_loss:.4f}" if r.last_loss is not None else "n/a"
