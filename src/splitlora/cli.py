@@ -290,19 +290,24 @@ def prepare_out(args: argparse.Namespace, command: str, resume: bool = False) ->
     return out
 
 
-def announce(out: Path, command: str, resume: bool = False) -> None:
-    """Clear an overwritten run's outputs, say where this one writes, and record which command wrote it
-    (``DIR/run.json``: ``eval`` reads it to know that a served run's data stayed with its clients)."""
-    import json
-
+def announce(out: Path, resume: bool = False) -> None:
+    """Clear an overwritten run's outputs and say where this one writes."""
     if resume:
         print(f"{'resuming' if (out / 'checkpoint').exists() else 'writing'} run in {out}", flush=True)
-    else:
-        if out.is_dir() and any(out.iterdir()):
-            clear_outputs(out)
-        print(f"writing run to {out}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({"command": command, "splitlora": __version__}) + "\n")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        clear_outputs(out)
+    print(f"writing run to {out}", flush=True)
+
+
+def record_command(out: Path, command: str) -> None:
+    """``DIR/run.json``: which command wrote the run (``eval`` reads it: a served run's data stayed with its
+    clients). Written once the run has started (it has a config.yaml), so a run that failed before leaves
+    its folder empty for the retry."""
+    import json
+
+    if (out / "config.yaml").is_file():
+        (out / "run.json").write_text(json.dumps({"command": command, "splitlora": __version__}) + "\n")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -312,10 +317,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = backend_options(args, cfg)
     out = prepare_out(args, "train")
     check_before_loading(cfg)
-    announce(out, "train")
+    announce(out)
     from .train import train
 
-    result = train(cfg, out, progress=not args.quiet, backend=opts)
+    try:
+        result = train(cfg, out, progress=not args.quiet, backend=opts)
+    finally:
+        record_command(out, "train")
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"{cfg.algorithm}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val loss {val}, "
           f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9):.0f} tok/s), "

@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     from ..checks import check_before_loading
-    from ..cli import announce, prepare_out
+    from ..cli import announce, prepare_out, record_command
 
     cfg = resolve_config(args)
     if args.max_message_mb <= 0:
@@ -107,8 +107,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     tls_key=_pem(args.tls_key, "--tls-key"), max_message_bytes=int(args.max_message_mb * (1 << 20)),
                     progress=not args.quiet)
     check_before_loading(cfg, data="synthetic")  # the data is the clients'
-    announce(out, "serve", resume=args.resume)
-    r = serve(cfg, opts, out)
+    announce(out, resume=args.resume)
+    try:
+        r = serve(cfg, opts, out)
+    finally:
+        record_command(out, "serve")
     first = f"{r.first_loss:.4f}" if r.first_loss is not None else "n/a"
     last = f"{r.last_loss:.4f}" if r.last_loss is not None else "n/a"
     print(f"serve: loss {first} -> {last}, {r.tokens} tokens in {r.seconds:.1f}s "
