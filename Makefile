@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/splitlora train --out runs/demo --eval --eval-limit 10 --beams 4
+	$(VENV)/bin/splitlora train --out runs/demo --overwrite --eval --eval-limit 10 --beams 4
 
 test: install
 	$(PY) -m pytest -q

@@ -41,16 +41,16 @@ def test_cut_layer_out_of_range(tmp_path):
 def test_csv_without_columns(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("meaning,text\na,b\n")
-    assert_user_error(run_cli("train", *FAST, "--data", str(bad), "--out", str(tmp_path)), "'mr' and 'ref'")
+    assert_user_error(run_cli("train", *FAST, "--data", str(bad), "--out", str(tmp_path / "o")), "'mr' and 'ref'")
 
 
 def test_empty_data_file(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert_user_error(run_cli("train", *FAST, "--data", str(empty), "--out", str(tmp_path)), "empty")
+    assert_user_error(run_cli("train", *FAST, "--data", str(empty), "--out", str(tmp_path / "o")), "empty")
     header_only = tmp_path / "header.csv"
     header_only.write_text("mr,ref\n")
-    assert_user_error(run_cli("train", *FAST, "--data", str(header_only), "--out", str(tmp_path)), "no rows")
+    assert_user_error(run_cli("train", *FAST, "--data", str(header_only), "--out", str(tmp_path / "o")), "no rows")
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -1,48 +1,202 @@
 """Command line: ``splitlora train | eval | score | serve | client | audit | bench``.
 
-Bad input is a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+Bad input is a one-line ``error: ...`` on stderr and exit code 2, never a traceback. Every flag of a
+config field is generated from its dataclass field (``config.option``): help text, default, choices,
+and the ``--help`` section it is listed in.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import re
 import sys
+import time
+import typing
+from pathlib import Path
 from typing import Callable
 
-from .errors import OneLineParser, run_command
+from . import __version__
+from .errors import OneLineParser, UserError, run_command
 
-def config_flags() -> dict[str, tuple[str, type, str]]:
-    """``--flag`` -> (config key, type, help) for every config field that has a flag. A flag of
-    ``LoraSide`` sets both sides (``client_lora`` and ``server_lora``)."""
-    import dataclasses
-    import typing
+DESCRIPTION = ("Split federated fine-tuning of Hugging Face causal LMs with LoRA (SplitLoRA and its "
+               "baselines). Every run writes one standard PEFT adapter of the whole model.")
 
-    from .config import Aggregation, DataFormat, LoraSide, Privacy, RunConfig
+EXAMPLES = """\
+examples:
+  splitlora train                                  the default job: SplitLoRA, 3 clients, SmolLM2-135M, synthetic data
+  splitlora train --model tiny-gpt2 --steps 20     a quick look (random 4-block model)
+  splitlora train --data my.csv --eval --out runs/mine
+  splitlora train -c runs/mine/config.yaml --set server_lora.rank=16 --out runs/mine-r16
+  splitlora eval --run runs/mine --limit 50
+  splitlora serve -c run.yaml --token-file tokens.txt --out runs/served
+  splitlora client --server HOST:50051 --client-id alice --token-file alice.token --data alice.csv
 
-    out: dict[str, tuple[str, type, str]] = {}
-    for cls, prefix in ((RunConfig, ""), (LoraSide, "*lora."), (Privacy, "privacy."), (Aggregation, "aggregation."),
-                        (DataFormat, "data_format.")):
-        hints = typing.get_type_hints(cls)
+Run `splitlora COMMAND --help` for a command's options."""
+
+TRAIN_EXAMPLES = """\
+examples:
+  splitlora train --model tiny-gpt2 --steps 20 --out runs/quick
+  splitlora train --algorithm fed --clients 4 --partition dirichlet:0.5 --data e2e/ --out runs/fed
+  splitlora train --split-shape u-shape --tail-layers 1 --clip-norm 100 --out runs/private
+  splitlora train -c runs/quick/config.yaml --set prompt_template='Q: {mr}\\nA:' --out runs/q2
+
+--set KEY=VALUE: a number, true/false, null or [a, b] is read as such; any other value is the string
+typed, with \\n and \\t read as newline and tab (quote it, e.g. --set 'KEY="8"', to force a string)."""
+
+# The --help section of RunConfig's own fields (a field may also say ``option(..., group=)``; a field
+# of a nested dataclass goes to its class's section, CLASS_GROUPS). A field listed nowhere lands in
+# "other run options".
+RUN_GROUPS = {
+    "data": "data", "synthetic_examples": "data", "val_fraction": "data", "partition": "data",
+    "partition_key": "data", "max_length": "data", "prompt_template": "data",
+    "model": "model and split", "cut_layer": "model and split", "split_shape": "model and split",
+    "tail_layers": "model and split", "wire_dtype": "model and split", "device": "model and split",
+    "server_device_map": "model and split", "threads": "model and split", "dtype": "model and split",
+    "server_dtype": "model and split", "gradient_checkpointing": "model and split", "quantize": "model and split",
+    "server_quantize": "model and split", "clients_per_round": "algorithm",
+    "algorithm": "algorithm", "clients": "algorithm", "steps": "algorithm", "batch_size": "algorithm",
+    "lr": "algorithm", "weight_decay": "algorithm", "warmup_steps": "algorithm", "max_grad_norm": "algorithm",
+    "aggregate_every": "algorithm", "server_mode": "algorithm", "seed": "algorithm",
+    "log_every": "outputs", "eval_every": "outputs", "save_every": "outputs",
+}
+CLASS_GROUPS = {"DataFormat": "data", "LoraSide": "LoRA", "Privacy": "privacy", "Aggregation": "robust aggregation",
+                "RayOptions": "Ray (--backend ray)", "ServeOptions": "deployment", "ClientOptions": "deployment"}
+GROUP_ORDER = ("data", "model and split", "LoRA", "algorithm", "privacy", "robust aggregation", "outputs",
+               "evaluation", "deployment", "Ray (--backend ray)")
+# What `serve` does not take: the training data is the clients' (each passes its own --data).
+CLIENT_DATA_KEYS = ("data", "synthetic_examples", "partition", "partition_key")
+# What a run writes into its folder (--overwrite removes these, and nothing else).
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics.csv", "adapter", "adapters", "checkpoint", "tensorboard",
+               "endpoint", "eval.json", "predictions.txt", "run.json")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's default shown (unless its help says it, or
+    it has none); reStructuredText/Markdown backticks dropped."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32, width=min(110, _terminal_width()))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = _plain(action.help or "")
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS or default == [])
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return _metavar(action.option_strings[-1], action.type, None)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """A one-line paragraph is wrapped; a paragraph of several lines (examples, tables) is kept as written."""
+        import textwrap
+
+        paragraphs = _plain(text).split("\n\n")
+        return "\n\n".join(textwrap.fill(par, width, initial_indent=indent, subsequent_indent=indent)
+                             if "\n" not in par.strip() else super(HelpFormatter, self)._fill_text(par, width, indent)
+                             for par in paragraphs)
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 20)).columns - 2
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"``?([^`]+)``?", r"\1", text)
+
+
+@dataclasses.dataclass
+class Flag:
+    keys: tuple[str, ...]  # dotted config keys it sets (a LoraSide flag sets client_lora.X and server_lora.X)
+    type: type
+    help: str
+    default: object
+    group: str
+    choices: tuple | None
+
+
+def _field_type(cls, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
+def config_flags() -> dict[str, Flag]:
+    """``--flag`` -> :class:`Flag` for every flagged field of :class:`~splitlora.config.RunConfig` and
+    of the dataclasses nested in it, found by walking the fields (a field added anywhere shows up)."""
+    from .config import RunConfig
+
+    out: dict[str, Flag] = {}
+
+    def walk(cls, prefix: str, group: str | None, nest_help: str) -> None:
         for f in dataclasses.fields(cls):
+            typ = _field_type(cls, f)
+            if dataclasses.is_dataclass(typ):
+                walk(typ, f"{prefix}{f.name}.",
+                     f.metadata.get("group") or CLASS_GROUPS.get(typ.__name__) or f.name.replace("_", " "),
+                     f.metadata.get("help", ""))
+                continue
             flag = f.metadata.get("flag")
-            if flag:
-                typ = hints[f.name]
-                typ = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
-                out[flag] = (prefix + f.name, typ, f.metadata.get("help", ""))
+            if not flag:
+                continue
+            where = f.metadata.get("group") or group or RUN_GROUPS.get(f.name) or "other run options"
+            if flag in out:  # the same dataclass nested twice (both LoRA sides): one flag sets both
+                out[flag].keys += (prefix + f.name,)
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out[flag] = Flag((prefix + f.name,), typ, f.metadata.get("help", ""), default, where,
+                             f.metadata.get("choices"))
+
+    walk(RunConfig, "", None, "")
     return out
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config (the format train writes to DIR/config.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set client_lora.rank=4 (repeatable)")
-    for flag, (key, typ, text) in config_flags().items():
-        where = "both sides' LoRA: " if key.startswith("*lora.") else ""
-        extra = dict(action="store_const", const=True) if typ is bool else dict(type=typ)  # a switch: --flag
-        p.add_argument(flag, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]",
-                       **extra)
+def _metavar(flag: str, spec_type, choices) -> str:
+    """``{a,b}`` for choices, N for a whole number, X for a number, else the flag's last word."""
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    if spec_type is int or getattr(spec_type, "__name__", "") in ("_positive", "positive_int"):
+        return "N"
+    return "X" if spec_type is float else flag.lstrip("-").split("-")[-1].upper()
+
+
+def _groups(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The parser's sections by title, created on first use in GROUP_ORDER's order."""
+    if not hasattr(p, "_splitlora_groups"):
+        p._splitlora_groups = {}
+    return p._splitlora_groups
+
+
+def add_group(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    groups = _groups(p)
+    if title not in groups:
+        groups[title] = p.add_argument_group(title)
+    return groups[title]
+
+
+def _add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """``-c``, ``--set`` and one flag per flagged config field, in sections; ``exclude``: config keys left out."""
+    head = add_group(p, "config")
+    head.add_argument("-c", "--config", metavar="YAML", help="config file (the format train writes to DIR/config.yaml)")
+    head.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any config key, e.g. --set client_lora.rank=4 (repeatable; see below)")
+    flags = config_flags()
+    for title in (*GROUP_ORDER, *sorted({f.group for f in flags.values()} - set(GROUP_ORDER))):
+        for flag, spec in flags.items():
+            if spec.group != title or set(spec.keys) & set(exclude):
+                continue
+            both = " (both sides)" if len(spec.keys) > 1 else ""
+            text = spec.help.replace("%", "%%") + both
+            if spec.default is not None:
+                text += f" (default: {spec.default})"
+            kwargs = {"action": argparse.BooleanOptionalAction} if spec.type is bool else {"type": spec.type}
+            add_group(p, title).add_argument(flag, default=None, help=text,
+                                             metavar=_metavar(flag, spec.type, spec.choices), **kwargs)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -52,37 +206,29 @@ def resolve_config(args: argparse.Namespace):
     raw = read_yaml(args.config) if args.config else {}
     cfg = RunConfig.from_dict(raw)
     overrides = parse_set(args.set)
-    for flag, (key, _, _) in config_flags().items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is None:
-            continue
-        if key.startswith("*lora."):
-            overrides[f"client_lora.{key[6:]}"] = value
-            overrides[f"server_lora.{key[6:]}"] = value
-        else:
-            overrides[key] = value
+    for flag, spec in config_flags().items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            overrides.update({key: value for key in spec.keys})
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     """``--backend`` and the Ray flags, from :class:`~splitlora.config.RayOptions`."""
-    import dataclasses
-    import typing
-
     from .config import RayOptions
 
-    hints = typing.get_type_hints(RayOptions)
+    group = add_group(p, CLASS_GROUPS["RayOptions"])
     for f in dataclasses.fields(RayOptions):
         if f.metadata.get("flag"):
-            typ = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-            p.add_argument(f.metadata["flag"], dest=f"ray_{f.name}", type=typ, default=f.default,
-                           help=f"{f.metadata['help']} (default {f.default})")
+            typ = _field_type(RayOptions, f)
+            flag = f.metadata["flag"]
+            group.add_argument(flag, dest=f"ray_{f.name}", type=typ, default=f.default,
+                               help=f.metadata["help"].replace("%", "%%"),
+                               metavar=_metavar(flag, typ, f.metadata.get("choices")))
 
 
 def backend_options(args: argparse.Namespace, cfg):
     """The :class:`~splitlora.config.RayOptions` of ``args``, validated (Ray importable when asked for)."""
-    import dataclasses
-
     from .config import RayOptions
 
     opts = RayOptions(**{f.name: getattr(args, f"ray_{f.name}") for f in dataclasses.fields(RayOptions)
@@ -94,12 +240,93 @@ def backend_options(args: argparse.Namespace, cfg):
     return opts
 
 
+# ---- outputs ---------------------------------------------------------------------------------------
+
+def default_out(command: str) -> Path:
+    """A fresh folder per run (as Flower and Lightning do): ``runs/COMMAND-YYYYmmdd-HHMMSS``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{command}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{command}-{stamp}-{n}"
+    return out
+
+
+def check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to write a run into a folder that holds something, unless told to (before any heavy work)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} is not empty (a previous run?): choose another --out, or pass --overwrite "
+                        f"to replace its run outputs")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier run wrote in ``out`` (and only that: other files stay)."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _add_output_flags(p: argparse.ArgumentParser, command: str, resume: bool = False) -> None:
+    group = add_group(p, "outputs")
+    group.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help=f"output folder; it must be empty or new unless --overwrite"
+                            f"{' or --resume' if resume else ''} (default: a new runs/{command}-DATE-TIME)")
+    group.add_argument("--overwrite", action="store_true", help="replace the run outputs of a non-empty --out")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def prepare_out(args: argparse.Namespace, command: str, resume: bool = False) -> Path:
+    """``args.out`` (or a fresh default), checked; says where the run writes."""
+    out = args.out if args.out is not None else default_out(command)
+    check_out(out, args.overwrite, resume)
+    return out
+
+
+def announce(out: Path, resume: bool = False) -> None:
+    """Clear an overwritten run's outputs and say where this one writes."""
+    if resume:
+        print(f"{'resuming' if (out / 'checkpoint').exists() else 'writing'} run in {out}", flush=True)
+        return
+    if out.is_dir() and any(out.iterdir()):
+        clear_outputs(out)
+    print(f"writing run to {out}", flush=True)
+
+
+def record_command(out: Path, command: str) -> None:
+    """``DIR/run.json``: which command wrote the run (``eval`` reads it: a served run's data stayed with its
+    clients). Written once the run has started (it has a config.yaml), so a run that failed before leaves
+    its folder empty for the retry."""
+    import json
+
+    if (out / "config.yaml").is_file():
+        (out / "run.json").write_text(json.dumps({"command": command, "splitlora": __version__}) + "\n")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .simulation.run import train
+    from .checks import check_before_loading
 
     cfg = resolve_config(args)
     opts = backend_options(args, cfg)
-    result = train(cfg, args.out, progress=not args.quiet, backend=opts)
+    out = prepare_out(args, "train")
+    check_before_loading(cfg)
+    announce(out)
+    from .train import train
+
+    try:
+        result = train(cfg, out, progress=not args.quiet, backend=opts)
+    finally:
+        record_command(out, "train")
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"{cfg.algorithm}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val loss {val}, "
           f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9):.0f} tok/s), "
@@ -108,28 +335,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.eval:
         from .eval.generate import evaluate_run
 
-        evaluate_run(args.out, data=None, split="test", limit=args.eval_limit, beams=args.beams,
+        evaluate_run(out, data=None, split="test", limit=args.eval_limit, beams=args.beams,
                      progress=not args.quiet)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="splitlora", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-    p = sub.add_parser("train", help="train with one of the four algorithms (in one process, or on a Ray cluster)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="splitlora", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"splitlora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train with one of the four algorithms (in one process, or on a Ray cluster)",
+                       description="Train in this process (or on a Ray cluster): every party of the run, one "
+                                   "adapter at the end. Flags override -c's file, which overrides the defaults.",
+                       epilog=TRAIN_EXAMPLES)
     _add_config_flags(p)
+    _add_output_flags(p, "train")
+    group = add_group(p, "evaluation")
+    group.add_argument("--eval", action="store_true", help="run splitlora eval on the result")
+    group.add_argument("--eval-limit", type=_positive, default=None, metavar="N", help="with --eval: first N MRs only")
+    group.add_argument("--beams", type=_positive, default=10, metavar="N", help="with --eval: beam size (1 = greedy)")
     _add_backend_flags(p)
-    p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--eval", action="store_true", help="run `splitlora eval` on the result")
-    p.add_argument("--eval-limit", type=int, default=None, help="with --eval: first N MRs only")
-    p.add_argument("--beams", type=int, default=10, help="with --eval: beam size (1 = greedy)")
     p.set_defaults(func=cmd_train)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    for name, sp in sub.choices.items():
+        sp.formatter_class = HelpFormatter
+        sp.prog = f"splitlora {name}"
     return parser
 
 
@@ -156,16 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register_optional()
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        argv = ["train"]
-    elif argv[0] not in {"-h", "--help", "-v", "--verbose"} and argv[0].startswith("-"):
-        argv = ["train", *argv]
+        parser.print_help()
+        return 0
+    if argv[0] not in {"-h", "--help", "-v", "--verbose", "--version"} and argv[0].startswith("-"):
+        argv = ["train", *argv]  # flags alone are train's
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
-        args = parser.parse_args(["train", *argv])
+        parser.print_help()
+        return 0
     return run_command(args.func, args, "finished work was saved")
 
 

@@ -25,9 +25,12 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .messages import WIRE_DTYPES
 from .registry import AGGREGATORS, ALGORITHMS, DEFENCES
 
+# The built-in algorithms and wire dtypes, known here without importing torch so that a config is checked
+# before the heavy imports (the registries, ALGORITHMS and messages.WIRE_DTYPES, stay the authority).
+BUILTIN_ALGORITHMS = ("splitlora", "sl", "fed", "cen")
+WIRE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 SERVER_MODES = ("sequential", "batched")
 SPLIT_SHAPES = ("two-part", "u-shape")
 OUTLIER_ACTIONS = ("reject", "clip")
@@ -42,9 +45,16 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None):
-    """A dataclass field with its help text (and command-line flag) attached."""
-    meta = {"help": help, **({"flag": flag} if flag else {})}
+def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None,
+           group: str | None = None, choices: tuple | None = None):
+    """A dataclass field with its help text (and command-line flag) attached.
+
+    ``group``: the section of ``--help`` the flag is listed in (default: the one of its dataclass;
+    RunConfig's own fields: see ``splitlora.cli.RUN_GROUPS``). ``choices``: the allowed values, shown
+    in ``--help`` (``validate`` enforces them).
+    """
+    meta = {"help": help, **({"flag": flag} if flag else {}), **({"group": group} if group else {}),
+            **({"choices": tuple(choices)} if choices else {})}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -139,7 +149,7 @@ class Aggregation:
     max_update_norm: float = option(0.0, "a fixed L2 bound on every upload's change (0: none)",
                                     flag="--max-update-norm")
     outliers: str = option("clip", "what happens to an outlier: clip (its change scaled down to the bound) or "
-                                   "reject (left out of the average)")
+                                   "reject (left out of the average)", choices=OUTLIER_ACTIONS)
     max_weight_ratio: float = option(
         1.5, "fedavg: a client's weight counts at most this many times the round's lower-median declared "
              "sample count (0: no cap)", flag="--max-weight-ratio")
@@ -214,7 +224,9 @@ class DataFormat:
 class RunConfig:
     """Everything that defines a run. Defaults are the default job (``splitlora train``)."""
 
-    algorithm: str = option("splitlora", "splitlora | sl | fed | cen (see README, Algorithms)", flag="--algorithm")
+    algorithm: str = option("splitlora", "splitlora (the paper's), sl (split learning), fed (FedLoRA) or cen "
+                                         "(centralised); see the README's Algorithms", flag="--algorithm",
+                            choices=BUILTIN_ALGORITHMS)
     model: str = option("smollm2-135m", "a preset (smollm2-135m, tiny-gpt2, tiny-llama, gpt2-small, gpt2-medium), "
                                         "a local model directory, a .gguf file or a hub id", flag="--model")
     data: str = option("synthetic", "synthetic, a .jsonl/.json/.csv/.parquet file, a folder of them, a "
@@ -231,7 +243,7 @@ class RunConfig:
     split_shape: str = option("two-part", "two-part (the paper's: the server runs blocks K.. and the head, and "
                                           "receives the labels) or u-shape (the client also runs the last "
                                           "tail_layers blocks, the norm and the head: labels stay home)",
-                              flag="--split-shape")
+                              flag="--split-shape", choices=SPLIT_SHAPES)
     tail_layers: int = option(1, "T, with split_shape u-shape: the client also runs blocks L-T..L-1 (T >= 0)",
                               flag="--tail-layers")
     partition: str = option("iid", "how the training data is split over clients: iid, contiguous or "
@@ -252,9 +264,9 @@ class RunConfig:
                                        "round of I steps (0: all)", flag="--clients-per-round")
     server_mode: str = option("sequential", "splitlora: sequential (one server step per client batch, the "
                                             "paper's code) or batched (one server step over all clients' batches)",
-                              flag="--server-mode")
-    wire_dtype: str = option("fp32", f"dtype of activations and gradients crossing the cut: {', '.join(WIRE_DTYPES)}",
-                             flag="--wire-dtype")
+                              flag="--server-mode", choices=SERVER_MODES)
+    wire_dtype: str = option("fp32", "dtype of activations and gradients crossing the cut", flag="--wire-dtype",
+                             choices=WIRE_DTYPE_NAMES)
     client_lora: LoraSide = option(help="LoRA of the client side", factory=LoraSide)
     server_lora: LoraSide = option(help="LoRA of the server side", factory=LoraSide)
     privacy: Privacy = option(help="protection of what leaves a client", factory=Privacy)
@@ -269,7 +281,8 @@ class RunConfig:
     log_every: int = option(1, "write a metrics row every N steps")
     eval_every: int = option(0, "validation loss every N steps (0: only at the end)", flag="--eval-every")
     save_every: int = option(0, "also save the adapter every N steps to DIR/adapters/step-N (0: only at the end)")
-    threads: int = option(0, "torch intra-op threads (0: torch's default)", flag="--threads")
+    threads: int = option(0, "torch threads per process (0: the cores not already busy when the run starts, i.e. "
+                              "cores minus the 1-minute load average, at least 1)", flag="--threads")
     # ---- precision and memory of each party (models/precision.py) ----
     dtype: str = option("fp32", "dtype of the frozen base weights and the compute of the clients (and of the "
                                 "whole model for fed/cen): fp32, bf16 or fp16 (fp16 with a loss scaler); LoRA "
@@ -287,7 +300,7 @@ class RunConfig:
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
         ALGORITHMS.check(self.algorithm, "algorithm")
-        for name, allowed in (("server_mode", SERVER_MODES), ("wire_dtype", tuple(WIRE_DTYPES)),
+        for name, allowed in (("server_mode", SERVER_MODES), ("wire_dtype", WIRE_DTYPE_NAMES),
                               ("split_shape", SPLIT_SHAPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -310,8 +323,6 @@ class RunConfig:
             raise UserError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         if self.max_grad_norm < 0:
             raise UserError(f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
-        from .data.partition import parse_partition  # local import: data imports config
-
         parse_partition(self.partition)
         if "{mr}" not in self.prompt_template:
             raise UserError("prompt_template must contain {mr}")
@@ -471,7 +482,7 @@ class RayOptions:
 
     backend: str = option("inprocess", "inprocess (every party in this process; the default) or ray (clients "
                                        "as Ray actors, the server as one more; pip install 'splitlora[ray]')",
-                          flag="--backend")
+                          flag="--backend", choices=BACKENDS)
     address: str | None = option(None, "with --backend ray: the cluster to join, auto (the one `ray start` runs on "
                                        "this machine) or HOST:PORT (its head); default: start a local one",
                                  flag="--ray-address")
@@ -544,6 +555,25 @@ def parse_device_map(spec: str) -> str | dict[str, str]:
     return out
 
 
+def parse_partition(spec: str) -> tuple[str, float | None]:
+    """``iid``, ``contiguous``, ``files``, ``column:NAME`` or ``dirichlet:ALPHA`` as ``(kind, alpha)``."""
+    if spec in ("iid", "contiguous", "files"):
+        return spec, None
+    if spec.startswith("column:"):
+        if not spec.split(":", 1)[1].strip():
+            raise UserError("partition column:NAME needs a column name")
+        return "column", None
+    if spec.startswith("dirichlet:"):
+        try:
+            alpha = float(spec.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if alpha <= 0:
+            raise UserError(f"partition dirichlet:ALPHA needs ALPHA > 0 (got {spec!r})")
+        return "dirichlet", alpha
+    raise UserError(f"partition must be iid, contiguous, dirichlet:ALPHA, column:NAME or files (got {spec!r})")
+
+
 def check_client_name(name: str, where: str) -> str:
     if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
         raise UserError(f"{where}: a client name is 1 to 64 letters, digits, '.', '_' or '-' (got {name!r:.80})")
@@ -569,17 +599,44 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+_ESCAPES = re.compile(r"\\(\\|n|t)")
+_QUOTED = re.compile(r"""\A(?:'.*'|".*")\Z""", re.S)
+
+
+def parse_value(text: str) -> Any:
+    """One ``--set`` value. What is clearly a number, a boolean, null or a ``[list]`` is read as YAML;
+    a quoted value is a YAML string; anything else stays the string typed, with ``\\n``, ``\\t`` and
+    ``\\\\`` read as escapes, so that ``--set prompt_template='Q: {mr}\\nA:'`` is the template
+    ``"Q: {mr}" + newline + "A:"`` (YAML would read ``{mr}`` as a mapping and fold the newline)."""
+    stripped = text.strip()
+    if _QUOTED.match(stripped) or stripped.startswith("[") or stripped.lower() in ("null", "~", "true", "false"):
+        try:
+            value = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            raise UserError(f"--set value {text!r:.80} is not valid YAML") from None
+        if value is None or isinstance(value, (bool, str, list)):
+            return value
+    try:
+        return int(stripped)
+    except ValueError:
+        pass
+    try:
+        value = float(stripped)
+        if math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    return _ESCAPES.sub(lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], text)
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """Parse ``--set key=value`` items; values are read as YAML scalars (``8``, ``1e-3``, ``null``)."""
+    """Parse ``--set key=value`` items (values: :func:`parse_value`)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise UserError(f"--set expects key=value (got {item!r})")
         key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
+        out[key.strip()] = parse_value(value)
     return out
 
 
@@ -622,6 +679,11 @@ def _coerce(hint, value, key: str):
             raise UserError(f"{key} must be an integer (got {value!r})")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key} must be a number (got {value!r})")
         if not math.isfinite(float(value)):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import resource
 import sys
 import threading
@@ -12,6 +14,9 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
+_TORCH_THREADS = torch.get_num_threads()  # torch's default (physical cores, or OMP_NUM_THREADS), before any set
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,9 +34,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_torch(seed: int, threads: int = 0) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+def auto_threads() -> int:
+    """Torch threads for ``--threads 0``: the cores this process may use that are not already busy (the
+    1-minute load average), at least 1 and at most torch's default.
+
+    With every core in use, a second thread only waits: each parallel op ends at a barrier that the
+    descheduled thread reaches late (on a 2-core machine shared with other jobs, 2 threads ran a demo
+    step several times slower than 1; docs/benchmarks.md, Threads). Idle, all cores are used.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        load = 0.0
+    return max(1, min(_TORCH_THREADS, round(cores - load)))
+
+
+def setup_torch(seed: int, threads: int = 0) -> int:
+    """Threads (0: :func:`auto_threads`), seed and deterministic kernels; returns the threads used."""
+    threads = threads or auto_threads()
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -11,25 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..config import parse_partition  # noqa: F401  (checked with the config, before torch loads)
 from ..errors import UserError
-
-
-def parse_partition(spec: str) -> tuple[str, float | None]:
-    if spec in ("iid", "contiguous", "files"):
-        return spec, None
-    if spec.startswith("column:"):
-        if not spec.split(":", 1)[1].strip():
-            raise UserError("partition column:NAME needs a column name")
-        return "column", None
-    if spec.startswith("dirichlet:"):
-        try:
-            alpha = float(spec.split(":", 1)[1])
-        except ValueError:
-            alpha = -1.0
-        if alpha <= 0:
-            raise UserError(f"partition dirichlet:ALPHA needs ALPHA > 0 (got {spec!r})")
-        return "dirichlet", alpha
-    raise UserError(f"partition must be iid, contiguous, dirichlet:ALPHA, column:NAME or files (got {spec!r})")
 
 
 def partition(n_items: int, n_clients: int, spec: str, seed: int,

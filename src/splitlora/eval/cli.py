@@ -20,7 +20,9 @@ Which data: --data, else the run's config.yaml `data`.
                  (whatever --split says)
   a folder       its --split file: test -> testset_w_refs.csv, dev -> devset.csv
   a file         --data FILE is used as is; the run's own data file (its training file) is
-                 replaced by the --split file next to it
+                 replaced by the --split file next to it, else by the MRs the run held out of
+                 it (val_fraction), which it never trained on
+  a served run   its data stayed with its clients: --data is needed
 References are grouped by consecutive identical MR, as the official E2E scripts do (630 MRs on
 the E2E test set).
 
@@ -43,8 +45,16 @@ def _positive(text: str) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UserError
     from .generate import evaluate_run
 
+    info = Path(args.run) / "run.json"
+    if args.data is None and info.is_file() and json.loads(info.read_text()).get("command") == "serve":
+        raise UserError(f"{args.run} is a served run: its training data stayed with its clients (the server's "
+                        f"config.yaml does not name it): pass --data with test rows (a CSV with mr and ref "
+                        f"columns, or an E2E folder)")
     evaluate_run(args.run, data=args.data, split=args.split, limit=args.limit, beams=args.beams,
                  progress=not args.quiet, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                  device=args.device, perplexity=args.perplexity)

@@ -73,8 +73,9 @@ def resolve_data(run_data: str, data: str | None, split: str) -> str | Path:
 
     ``data`` (``--data``) wins over the run's ``data``. A folder means its ``--split`` file
     (``test``: ``testset_w_refs.csv``, ``dev``: ``devset.csv``). A file given as ``--data`` is used as
-    is. A file taken from the run's config is the training file: its ``--split`` file is looked up
-    next to it.
+    is. A file taken from the run's config is the training file: its ``--split`` file next to it (an
+    E2E folder), else ``HELD_OUT``: the MRs the run held out of that file (``val_fraction``), never
+    trained on.
     """
     if split not in SPLIT_FILES:
         raise UserError(f"split must be one of {', '.join(SPLIT_FILES)} (got {split!r})")
@@ -94,7 +95,10 @@ def resolve_data(run_data: str, data: str | None, split: str) -> str | Path:
         raise UserError(f"the run's data {source!r} is not found from here: pass --data FILE")
     if (path.parent / name).is_file():
         return path.parent / name
-    raise UserError(f"the run trained on {path}; there is no {name} next to it: pass --data FILE")
+    return HELD_OUT
+
+
+HELD_OUT = "held-out"  # resolve_data: the run's own held-out MRs
 
 
 def group_all(examples: Sequence[Example]) -> tuple[list[str], list[list[str]]]:
@@ -112,6 +116,8 @@ def load_eval_set(cfg: RunConfig, tokenizer, data: str | None = None, split: str
     set (for either split); they were never trained on. Every occurrence of an MR is grouped there.
     """
     source = resolve_data(cfg.data, data, split)
+    if source == HELD_OUT:
+        return synthetic_eval_set(cfg, tokenizer, data=cfg.data)
     return synthetic_eval_set(cfg, tokenizer) if source == "synthetic" else csv_eval_set(source)
 
 
@@ -122,15 +128,17 @@ def csv_eval_set(path: str | Path) -> EvalSet:
     return EvalSet(mrs, refs, str(path))
 
 
-def synthetic_eval_set(cfg: RunConfig, tokenizer) -> EvalSet:
+def synthetic_eval_set(cfg: RunConfig, tokenizer, data: str = "synthetic") -> EvalSet:
+    """The validation MRs the run held out of ``data`` (its synthetic set, or its own data file)."""
     from ..data import prepare_data
 
-    synthetic = RunConfig.from_dict({**cfg.to_dict(), "data": "synthetic"})
-    val = prepare_data(synthetic, tokenizer).val_examples
+    held = RunConfig.from_dict({**cfg.to_dict(), "data": data})
+    val = prepare_data(held, tokenizer).val_examples
     if not val:
-        raise UserError("the run's synthetic data has no validation MRs (val_fraction is 0): pass --data FILE")
+        raise UserError(f"the run's data ({data}) has no held-out MRs (val_fraction is 0): pass --data FILE "
+                        f"with test rows")
     mrs, refs = group_all(val)
-    return EvalSet(mrs, refs, "synthetic")
+    return EvalSet(mrs, refs, "synthetic" if data == "synthetic" else f"{data} (held-out MRs)")
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -257,11 +265,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
         return evaluate_task(run, cfg, task, limit=limit, beams=beams, progress=progress,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, show=show)
     source = resolve_data(cfg.data, data, split)
-    evalset = None if source == "synthetic" else csv_eval_set(source)  # bad data fails before the model loads
+    evalset = None if source in ("synthetic", HELD_OUT) else csv_eval_set(source)  # bad data fails before the model loads
     setup_torch(cfg.seed, cfg.threads)  # threads, seed, deterministic kernels
     model, tokenizer = load_adapted(run, cfg, progress)
     model.to(resolve_device(device or cfg.device))
-    evalset = (evalset or synthetic_eval_set(cfg, tokenizer)).head(limit)
+    evalset = (evalset or synthetic_eval_set(cfg, tokenizer, "synthetic" if source == "synthetic" else cfg.data)).head(limit)
 
     t0 = time.perf_counter()
     hyps = generate(model, tokenizer, [cfg.prompt_template.format(mr=mr) for mr in evalset.mrs], beams=beams,

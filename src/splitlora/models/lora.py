@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -103,6 +104,11 @@ def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, base_path: 
     out.mkdir(parents=True, exist_ok=True)
     config = copy.copy(config)
     config.base_model_name_or_path = base_path
+    source = Path(base_path) / "splitlora_source.json"  # a converted base: name what it was made from
+    if source.is_file():
+        info = json.loads(source.read_text())
+        config.base_model_name_or_path, config.revision = info["hub_id"], info.get("revision")
+        (out / "base_model.json").write_text(json.dumps({**info, "local_path": str(base_path)}, indent=2) + "\n")
     config.save_pretrained(str(out))
     tensors = {PEFT_PREFIX + k: v.detach().to(torch.float32).contiguous() for k, v in sorted(state.items())}
     tmp = out / "adapter_model.safetensors.tmp"

@@ -25,27 +25,36 @@ def _add_option_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
         if typ is bool:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
+        from ..cli import _metavar
+
         default = None if f.default is dataclasses.MISSING else f.default
-        shown = f" (default {default})" if default is not None else ""
         p.add_argument(flag, type=typ, default=default, required=f.default is dataclasses.MISSING,
-                       help=f.metadata["help"] + shown, metavar=f.name.split("_")[-1].upper())
+                       help=f.metadata["help"], metavar=_metavar(flag, typ, f.metadata.get("choices")))
+
+
+SERVE_HELP = """\
+Run the server side of a run over gRPC: the main server (the blocks after the cut and the head) and
+the aggregator (FedAvg of the client adapters). Clients join with splitlora client, each with its own
+data; the server never sees their files. The run (algorithm, model, cut, steps, LoRA...) is
+configured as for splitlora train, except for the data. Writes config.yaml, metrics, checkpoints and
+the adapter to --out. See docs/deployment.md."""
 
 
 def register(sub) -> None:
-    from ..cli import _add_config_flags
+    from ..cli import CLIENT_DATA_KEYS, _add_config_flags, _add_output_flags, add_group
 
-    p = sub.add_parser("serve", help="run the algorithm's server side (main server and aggregator) over gRPC")
-    _add_config_flags(p)
-    _add_option_flags(p, ServeOptions)
-    p.add_argument("--token-file", required=True, metavar="F", help="one 'NAME TOKEN' line per client; the order "
-                                                                    "fixes each client's index (its data seed)")
-    p.add_argument("--tls-cert", metavar="C", help=help_of(ServeOptions, "tls_cert"))
-    p.add_argument("--tls-key", metavar="K", help=help_of(ServeOptions, "tls_key"))
-    p.add_argument("--max-message-mb", type=float, default=512.0,
-                   help="refuse larger messages (default 512; they are also checked against the sizes the "
-                        "config implies)")
-    p.add_argument("--out", default="runs/serve", help="output folder (default: runs/serve)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("serve", help="run the algorithm's server side (main server and aggregator) over gRPC",
+                       description=SERVE_HELP)
+    _add_config_flags(p, exclude=CLIENT_DATA_KEYS)
+    _add_output_flags(p, "serve", resume=True)
+    group = add_group(p, "deployment")
+    _add_option_flags(group, ServeOptions)
+    group.add_argument("--token-file", required=True, metavar="FILE", help="one 'NAME TOKEN' line per client; the "
+                                                                           "order fixes each client's index")
+    group.add_argument("--tls-cert", metavar="PEM", help=help_of(ServeOptions, "tls_cert"))
+    group.add_argument("--tls-key", metavar="PEM", help=help_of(ServeOptions, "tls_key"))
+    group.add_argument("--max-message-mb", type=float, default=512.0, metavar="MB",
+                       help="refuse larger messages (they are also checked against the sizes the config implies)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="join a `splitlora serve` run as one data owner")
@@ -86,14 +95,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .auth import read_token_file
     from .serve import serve
 
+    from ..checks import check_before_loading
+    from ..cli import announce, prepare_out, record_command
+
     cfg = resolve_config(args)
     if args.max_message_mb <= 0:
         raise UserError("--max-message-mb must be > 0")
+    out = prepare_out(args, "serve", resume=args.resume)
     opts = _options(ServeOptions, args, tokens=read_token_file(args.token_file),
                     listen=_address(args.listen, "--listen"), tls_cert=_pem(args.tls_cert, "--tls-cert"),
                     tls_key=_pem(args.tls_key, "--tls-key"), max_message_bytes=int(args.max_message_mb * (1 << 20)),
                     progress=not args.quiet)
-    r = serve(cfg, opts, args.out)
+    check_before_loading(cfg, data="synthetic")  # the data is the clients'
+    announce(out, resume=args.resume)
+    try:
+        r = serve(cfg, opts, out)
+    finally:
+        record_command(out, "serve")
     first = f"{r.first_loss:.4f}" if r.first_loss is not None else "n/a"
     last = f"{r.last_loss:.4f}" if r.last_loss is not None else "n/a"
     print(f"serve: loss {first} -> {last}, {r.tokens} tokens in {r.seconds:.1f}s "
