@@ -1,6 +1,6 @@
 """Shared helpers of the in-process attack tests: a malicious ClientApp driven by the same algorithm code.
 
-A run here is :func:`splitlora.train.run_loop` over a grid of simulated clients, one of which may be
+A run here is :func:`splitlora.runtime.loop.run_loop` over a grid of simulated clients, one of which may be
 :class:`Malicious`: it runs the honest client's code and then rewrites its replies (or its claimed
 sample count). The grid drops a client the algorithm refuses (as the deployed grid does) instead of
 failing the run (as the simulation does for its trusted clients).
@@ -26,8 +26,9 @@ from splitlora.data import prepare_data
 from splitlora.device import setup_torch
 from splitlora.models.parts import SharedModel
 from splitlora.runtime.grid import Done
-from splitlora.train import client_apps, run_loop
-from splitlora.transport.inprocess import InProcessGrid
+from splitlora.runtime.loop import run_loop
+from splitlora.simulation.run import client_apps
+from splitlora.simulation.inprocess import InProcessGrid
 
 BOUND = 2.0  # the stated multiple of one extra honest client's influence
 

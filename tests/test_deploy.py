@@ -285,7 +285,7 @@ def test_u_shape_conversational_jsonl_sends_no_label_or_token(tmp_path, tiny_gpt
     U-shaped server still receives floats and the mask only, and the adapter is the simulation's."""
     from test_user_data import CHAT, conv_rows, write_jsonl
     from splitlora.data import prepare_data
-    from splitlora.train import train
+    from splitlora.simulation.run import train
     from splitlora.transport.sessions import GrpcGrid
 
     received = []

@@ -137,7 +137,7 @@ def test_dp_run_clips_every_party_and_logs_epsilon(tmp_path, tiny_gpt2, monkeypa
     from splitlora.privacy import dpsgd
     from splitlora.privacy.accounting import dp_sgd_epsilon
     from splitlora.runtime.metrics import read_metrics
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     seen = []
     original = dpsgd.DpSgd.privatise

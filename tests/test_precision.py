@@ -18,7 +18,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from splitlora.models.lora import add_lora, load_lora_state, lora_state, side_lora_config, whole_lora_config
 from splitlora.models.precision import cast_base, enable_checkpointing
 from splitlora.models.split import Split, architecture_of, client_forward, make_part, server_forward, tail_forward
-from splitlora.train import build_simulation, train
+from splitlora.simulation.run import build_simulation, train
 
 SMALL = [m for m in MODELS if m[0] in ("gpt2", "llama")]
 SHAPES = {"two-part": Split(2), "u-shape": Split(1, 2)}

@@ -63,7 +63,7 @@ def test_export_merges_the_adapter_into_a_plain_model(tmp_path, tiny_gpt2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from splitlora.cli import main
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     train(tiny_config(algorithm="cen", steps=3, synthetic_examples=12, lr=5e-2), tmp_path / "run", progress=False,
           loaded=tiny_gpt2)
@@ -90,7 +90,7 @@ def _quantized_run(tmp_path, device):
     from conftest import tiny_config
 
     from splitlora.models.loading import load_model
-    from splitlora.train import build_simulation, train
+    from splitlora.simulation.run import build_simulation, train
 
     pytest.importorskip("bitsandbytes")
     cfg = tiny_config(model="tiny-llama", algorithm="splitlora", quantize="nf4", server_quantize="int8", dtype="bf16",

@@ -105,7 +105,7 @@ def _run(tiny_gpt2, tmp_path, algorithm="fed", secure=True, drop=None, clients=3
     from conftest import tiny_config
 
     from splitlora.messages import SecAgg
-    from splitlora.train import build_simulation, run_training
+    from splitlora.simulation.run import build_simulation, run_training
 
     cfg = tiny_config(algorithm=algorithm, clients=clients, steps=2, aggregate_every=2,
                       privacy={"secure_aggregation": secure}, aggregation={"max_update_ratio": 0.0})
@@ -169,7 +169,7 @@ def test_over_grpc_the_server_receives_only_masked_inputs_and_gets_trains_adapte
     agree), and no reply the server decodes is an adapter."""
     from test_deploy import adapter, deploy_config, max_abs_diff, write_client_csvs
 
-    from splitlora.train import train
+    from splitlora.simulation.run import train
     from splitlora.transport import sessions
     from splitlora.transport.loopback import run_loopback
 

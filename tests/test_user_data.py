@@ -148,7 +148,7 @@ def test_column_mapping_and_data_block(tmp_path, tiny_gpt2):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, tiny_gpt2):
     """A short run on a conversational JSONL, its template given as --chat-template FILE."""
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     root = tmp_path_factory.mktemp("chat")
     path = write_jsonl(root / "chat.jsonl", conv_rows(12))

@@ -313,7 +313,6 @@ def record_command(out: Path, command: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .simulation.run import train
     from .checks import check_before_loading
 
     cfg = resolve_config(args)
@@ -321,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = prepare_out(args, "train")
     check_before_loading(cfg)
     announce(out)
-    from .train import train
+    from .simulation.run import train
 
     try:
         result = train(cfg, out, progress=not args.quiet, backend=opts)
