@@ -40,8 +40,9 @@ def test_cut_layer_out_of_range(tmp_path):
 
 def test_csv_without_columns(tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("meaning,text\na,b\n")
-    assert_user_error(run_cli("train", *FAST, "--data", str(bad), "--out", str(tmp_path / "o")), "'mr' and 'ref'")
+    bad.write_text("meaning,words\na,b\n")
+    assert_user_error(run_cli("train", *FAST, "--data", str(bad), "--out", str(tmp_path / "o")),
+                      "cannot tell the row shape from columns meaning, words")
 
 
 def test_empty_data_file(tmp_path):

@@ -67,7 +67,7 @@ CLASS_GROUPS = {"DataFormat": "data", "LoraSide": "LoRA", "Privacy": "privacy", 
 GROUP_ORDER = ("data", "model and split", "LoRA", "algorithm", "privacy", "robust aggregation", "outputs",
                "evaluation", "deployment", "Ray (--backend ray)")
 # What `serve` does not take: the training data is the clients' (each passes its own --data).
-CLIENT_DATA_KEYS = ("data", "synthetic_examples", "partition", "partition_key")
+CLIENT_DATA_KEYS = ("data", "synthetic_examples", "partition", "partition_key", "data_format.val_data")
 # What a run writes into its folder (--overwrite removes these, and nothing else).
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics.csv", "adapter", "adapters", "checkpoint", "tensorboard",
                "endpoint", "eval.json", "predictions.txt", "run.json")

@@ -34,6 +34,8 @@ WIRE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 SERVER_MODES = ("sequential", "batched")
 SPLIT_SHAPES = ("two-part", "u-shape")
 OUTLIER_ACTIONS = ("reject", "clip")
+# The fields a row may carry (data/rows.py maps a user's columns onto them; docs/data.md)
+ROW_FIELDS = ("prompt", "completion", "messages", "text", "mr", "ref")
 BACKENDS = ("inprocess", "ray")
 # Precision of a party's frozen base and its compute (LoRA and its optimiser stay fp32), and its
 # quantized-base options (models/precision.py maps them to torch and to a quantizer).
@@ -215,8 +217,6 @@ class DataFormat:
                 self.chat_template = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise UserError(f"chat template file {path}: cannot read it as UTF-8 text ({exc})") from None
-        from .data.rows import parse_columns  # local import: data imports config
-
         parse_columns(self.columns)
 
 
@@ -336,7 +336,8 @@ class RunConfig:
         self.client_lora.validate("client_lora")
         self.server_lora.validate("server_lora")
         self.privacy.validate()
-        algo = ALGORITHMS[self.algorithm]
+        # the algorithm's class (imports torch) only when a privacy option asks what it does
+        algo = ALGORITHMS[self.algorithm] if self.privacy.secure_aggregation or self.privacy.dp_sgd else None
         if self.privacy.secure_aggregation and (not algo.averages_clients or self.clients < 2
                                                 or self.privacy.secagg_clip <= 0 or self.privacy.secagg_threshold < 0
                                                 or self.privacy.secagg_threshold > self.clients):
@@ -552,6 +553,19 @@ def parse_device_map(spec: str) -> str | dict[str, str]:
         if not re.fullmatch(r"cpu|cuda(:\d+)?|\d+", device):
             raise UserError(f"server_device_map: device must be cpu, cuda, cuda:N or N (got {device!r} for {module!r})")
         out[module.strip()] = int(device) if device.isdigit() else device
+    return out
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """``prompt=question,completion=answer`` -> ``{"prompt": "question", "completion": "answer"}``."""
+    out: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in (spec or "").split(","))):
+        name, sep, column = (s.strip() for s in pair.partition("="))
+        if not sep or not name or not column:
+            raise UserError(f"columns: expected NAME=COLUMN pairs separated by commas (got {pair!r})")
+        if name not in ROW_FIELDS:
+            raise UserError(f"columns: {name!r} is not one of {', '.join(ROW_FIELDS)}")
+        out[name] = column
     return out
 
 

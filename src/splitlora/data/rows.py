@@ -18,11 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..config import ROW_FIELDS as FIELDS, parse_columns  # noqa: F401  (checked with the config, before torch loads)
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("prompt", "completion", "messages", "text", "mr", "ref")
 # shape -> the fields that make it, in detection order (TRL's, with E2E's mr/ref)
 SHAPES = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "e2e": ("mr", "ref"),
           "text": ("text",)}
@@ -31,19 +31,6 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 HELD_OUT_PREFIX = "testset"
 
 _workdir: Path | None = None
-
-
-def parse_columns(spec: str) -> dict[str, str]:
-    """``prompt=question,completion=answer`` -> ``{"prompt": "question", "completion": "answer"}``."""
-    out: dict[str, str] = {}
-    for pair in filter(None, (p.strip() for p in (spec or "").split(","))):
-        name, sep, column = (s.strip() for s in pair.partition("="))
-        if not sep or not name or not column:
-            raise UserError(f"columns: expected NAME=COLUMN pairs separated by commas (got {pair!r})")
-        if name not in FIELDS:
-            raise UserError(f"columns: {name!r} is not one of {', '.join(FIELDS)}")
-        out[name] = column
-    return out
 
 
 def _tmp() -> Path:
@@ -56,17 +43,22 @@ def _tmp() -> Path:
 
 @contextlib.contextmanager
 def quiet_datasets():
-    """No progress bars and no writes into the user's ``datasets`` cache (``map`` results go to
-    temporary files that ``datasets`` removes at exit); both settings restored afterwards."""
+    """No progress bars, no log lines (a parse error is ours to report, in one line) and no writes into
+    the user's ``datasets`` cache (``map`` results go to temporary files that ``datasets`` removes at
+    exit); every setting restored afterwards."""
     import datasets
     from datasets.utils import logging as ds_logging
 
     caching, bars = datasets.is_caching_enabled(), ds_logging.is_progress_bar_enabled()
+    logger = logging.getLogger("datasets")
+    level = logger.level
     datasets.disable_caching()
     ds_logging.disable_progress_bar()
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        logger.setLevel(level)
         if caching:
             datasets.enable_caching()
         if bars:
@@ -126,6 +118,8 @@ def load_files(files: list[Path], source: str):
         for f in files:
             diagnose(f)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "corresponds to no data" in first:  # datasets' words for a file with a header and no row
+            raise UserError(f"{source} has no rows") from None
         raise UserError(f"cannot read {source}: {first}") from None
 
 
