@@ -65,6 +65,7 @@ ACTORS = {"fed": 2, "splitlora-batched": 1}  # several clients per actor (one sh
 RESERVE = {"sl": dict(client_cpus=1.0, server_cpus=1.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_ray_run_equals_in_process_run(tmp_path, tiny_gpt2, ray_cluster, case):
     cfg = tiny_config(steps=4, threads=1, **CASES[case])
@@ -81,6 +82,7 @@ def test_ray_run_equals_in_process_run(tmp_path, tiny_gpt2, ray_cluster, case):
     assert (tmp_path / "ray" / "config.yaml").read_text() == (tmp_path / "inprocess" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_killed_client_actor_is_dropped_and_the_run_goes_on(tmp_path, tiny_gpt2, ray_cluster):
     from splitlora.algorithms import ALGORITHMS
     from splitlora.messages import Forward
