@@ -352,7 +352,8 @@ class RayOptions:
                                        "this machine) or HOST:PORT (its head); default: start a local one",
                                  flag="--ray-address")
     actors: int = option(0, "with --backend ray: client actors; the clients are spread over them in index order, "
-                            "those of one actor sharing one copy of the base weights (0: one per client)",
+                            "those of one actor sharing one copy of the base weights (0: one per client, or as "
+                            "many as the cluster holds; the other clients queue on them)",
                          flag="--ray-actors")
     client_cpus: float = option(1.0, "with --backend ray: CPUs each client actor reserves", flag="--client-cpus")
     client_gpus: float = option(0.0, "with --backend ray: GPUs each client actor reserves (fractions share one)",
