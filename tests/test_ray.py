@@ -169,3 +169,4 @@ def test_client_actors_fit_the_cluster():
     assert fitting_actors({"CPU": 8.0, "GPU": 2.0}, RayOptions(backend="ray", client_gpus=0.5, server_gpus=1.0), 5) == 2
     assert RayOptions(backend="ray", actors=2).clients_per_actor(3) == [[0], [1, 2]]
     assert RayOptions(backend="ray").clients_per_actor(1) == [[0]]
+    assert RayOptions(backend="ray").clients_per_actor(3, fitting_actors({"CPU": 2.0}, defaults, 3)) == [[0, 1, 2]]

@@ -397,9 +397,10 @@ class RayOptions:
                                     f"reserved)")
         return self
 
-    def clients_per_actor(self, n: int) -> list[list[int]]:
-        """Client indices of each actor: ``n`` clients over ``actors`` actors, in index order."""
-        k = min(self.actors or n, n)
+    def clients_per_actor(self, n: int, actors: int | None = None) -> list[list[int]]:
+        """Client indices of each actor: ``n`` clients over ``actors`` (default: ``self.actors``) actors, in
+        index order."""
+        k = min(actors or self.actors or n, n)
         return [list(range(n))[a * n // k:(a + 1) * n // k] for a in range(k)]
 
 

@@ -206,7 +206,7 @@ def start_clients(cfg: RunConfig, opts: RayOptions) -> tuple[list, dict, list[Cl
     """The client actors (started and ready): ``(actors, {name: actor}, clients)``."""
     ray = import_ray()
     n = ALGORITHMS[cfg.algorithm].parties(cfg)
-    groups = opts.clients_per_actor(n if opts.actors else fitting_actors(ray.cluster_resources(), opts, n))
+    groups = opts.clients_per_actor(n, opts.actors or fitting_actors(ray.cluster_resources(), opts, n))
     check_resources(ray, opts, len(groups))
     actor_cls = ray.remote(ClientHost)
     device = _party_device(cfg, opts.client_gpus)
