@@ -1,10 +1,11 @@
-# Two entry points: `make demo` (install + default job) and `make test` (install + test suite).
+# Entry points: `make demo` (install + default job), `make test` (install + test suite) and `make test-all`
+# (also the slow process-level tests: what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-all bench clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +22,16 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/splitlora train --out runs/demo --overwrite --eval --eval-limit 10 --beams 4
 
+# The suite runs on every core (pytest-xdist, one file per worker so a file's shared fixtures are built
+# once), one torch thread per worker. `test` leaves out the slow process-level tests (real commands,
+# a Ray cluster, the benchmark smoke runs: `-m slow`); `test-all`, what CI runs, includes them.
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST) -m "not slow"
+
+test-all: install
+	$(PYTEST)
 
 bench: install
 	$(VENV)/bin/splitlora bench all --out bench-out

@@ -46,3 +46,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def cli_in_process(*args, cwd=None):
+    """``splitlora ARGS`` run by ``splitlora.cli.main`` in this process, as a ``CompletedProcess``: the exit
+    code main returns, and what it printed. A subprocess costs a fresh interpreter and torch import
+    (seconds each); the tests that need the real process (its exit code, signals) start one."""
+    import contextlib
+    import io
+    import subprocess
+
+    from splitlora.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse exits on a bad flag
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

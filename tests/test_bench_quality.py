@@ -37,6 +37,7 @@ def quick(tmp_path_factory):
     return out, json.loads((out / "quality.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_table_and_the_plot(quick):
     out, payload = quick
     assert payload["benchmark"] == "quality" and payload["skipped"] is None and payload["quick"] is True
@@ -61,6 +62,7 @@ def test_quick_run_writes_the_table_and_the_plot(quick):
     assert len(predictions) - 1 == s.test_mrs  # one line per decoded test MR
 
 
+@pytest.mark.slow
 def test_every_algorithm_saw_the_same_samples(quick):
     _, payload = quick
     s = Settings.quick()
@@ -73,6 +75,7 @@ def test_every_algorithm_saw_the_same_samples(quick):
     assert max(row.get("step", 0) for row in logged if "loss" in row) == steps["sl"]  # the run really took them
 
 
+@pytest.mark.slow
 def test_the_curve_has_the_requested_points(quick):
     _, payload = quick
     s = Settings.quick()

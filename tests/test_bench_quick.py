@@ -24,6 +24,7 @@ def quick_out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_benchmark_writes_json_markdown_and_a_plot(quick_out):
     for name in BENCHMARKS:
         payload = json.loads((quick_out / f"{name}.json").read_text())
@@ -39,6 +40,7 @@ def test_every_benchmark_writes_json_markdown_and_a_plot(quick_out):
     assert all(f"({name}.md)" in summary for name in BENCHMARKS)
 
 
+@pytest.mark.slow
 def test_every_row_names_the_command_that_made_it(quick_out):
     from splitlora.cli import _register_optional, build_parser
 
@@ -54,6 +56,7 @@ def test_every_row_names_the_command_that_made_it(quick_out):
             assert args.name == name
 
 
+@pytest.mark.slow
 def test_quick_numbers_are_sane(quick_out):
     overhead = json.loads((quick_out / "overhead.json").read_text())
     row = overhead["tables"][0]["rows"][0]

@@ -5,9 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_in_process
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, process=False):
+    """``splitlora ARGS``: in this process (what ``main`` returns and prints), or as the real command."""
+    if not process:
+        return cli_in_process(*args, cwd=cwd)
     return subprocess.run([sys.executable, "-m", "splitlora.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
@@ -77,7 +81,7 @@ def test_bad_flag_and_set(tmp_path):
 def test_train_writes_config_metrics_and_adapter(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", *FAST, "--steps", "2", "--clients", "2", "--rank", "4", "--set",
-                   "synthetic_examples=30", "--out", str(out))
+                   "synthetic_examples=30", "--out", str(out), process=True)  # the real command, its exit code
     assert proc.returncode == 0, proc.stderr
     assert "adapter:" in proc.stdout
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "adapter/adapter_config.json",

@@ -31,8 +31,8 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(loading, "load_model", record)
     monkeypatch.setattr(loading, "resolve_model", record)
-    if "splitlora.simulation.run" in sys.modules:
-        monkeypatch.setattr(sys.modules["splitlora.simulation.run"], "load_model", record)
+    if "splitlora.simulation.parties" in sys.modules:
+        monkeypatch.setattr(sys.modules["splitlora.simulation.parties"], "load_model", record)
     return calls
 
 

@@ -533,6 +533,7 @@ def resume_to_the_end(lb, serve_args, endpoint) -> list[dict]:
     return lb.metrics()
 
 
+@pytest.mark.slow
 def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_path):
     """Server + 3 client processes over TLS. Ctrl-C on the server stops it at the end of the round with a
     checkpoint; --resume continues; SIGKILL after a later checkpoint; --resume finishes the run. The
@@ -575,6 +576,7 @@ def test_processes_tls_ctrl_c_kill_resume_equals_train(reference, loopback, tmp_
 @pytest.mark.parametrize("algorithm,extra", [("sl", {}), ("fed", {}),
                                              ("splitlora", {"split_shape": "u-shape", "tail_layers": 1})],
                          ids=["sl", "fed", "splitlora-u-shape"])
+@pytest.mark.slow
 def test_named_clients_kill_resume_equals_train(tmp_path, tiny_gpt2, algorithm, extra):
     """`serve` + clients named alice and bob, as docs/deployment.md shows; SIGKILL the server after a
     checkpoint, --resume: the adapter equals `splitlora train`'s, every step once."""
@@ -605,6 +607,7 @@ def test_named_clients_kill_resume_equals_train(tmp_path, tiny_gpt2, algorithm, 
     assert diff <= 1e-6
 
 
+@pytest.mark.slow
 def test_processes_client_killed_mid_round_rejoins(tmp_path, tiny_gpt2):
     """A client process killed mid-round is dropped; the round goes on without it; restarted, it rejoins."""
     cfg = deploy_config(clients=2)

@@ -1,4 +1,5 @@
-"""The layering reads bottom-up: the schedules and roles never reach up into a transport or the loop."""
+"""The layering reads bottom-up: no folder reaches up into the layers above it, and no module imports
+itself back through others (not even inside a function)."""
 
 import ast
 from pathlib import Path
@@ -7,8 +8,16 @@ import splitlora
 
 PACKAGE = Path(splitlora.__file__).parent
 # folder -> splitlora modules its files must not import (directly or as a submodule)
-FORBIDDEN = {"runtime": ("algorithms", "transport", "simulation", "cli", "bench", "privacy.audit"),
-             "algorithms": ("transport", "simulation", "cli", "bench", "privacy.audit")}
+ABOVE_MODELS = ("runtime", "algorithms", "transport", "simulation", "cli", "bench", "privacy", "eval")
+FORBIDDEN = {"data": ("models", *ABOVE_MODELS),
+             "models": ("data", *ABOVE_MODELS),
+             "eval": ("runtime", "algorithms", "transport", "simulation", "cli", "bench", "privacy"),
+             "runtime": ("algorithms", "transport", "simulation", "cli", "bench", "privacy.audit"),
+             "algorithms": ("transport", "simulation", "cli", "bench", "privacy.audit"),
+             "transport": ("simulation", "bench"),
+             "simulation": ("transport", "cli", "bench")}
+# the bottom layer: these files import no other splitlora module but each other
+BOTTOM = ("errors", "registry", "device", "messages")
 
 
 def _imports(path: Path, package: tuple[str, ...]) -> set[str]:
@@ -29,7 +38,7 @@ def _imports(path: Path, package: tuple[str, ...]) -> set[str]:
     return found
 
 
-def test_runtime_and_algorithms_do_not_import_transport_or_the_loop():
+def test_no_folder_imports_a_layer_above_it():
     bad = []
     for folder, forbidden in FORBIDDEN.items():
         files = sorted((PACKAGE / folder).glob("*.py"))
@@ -39,6 +48,61 @@ def test_runtime_and_algorithms_do_not_import_transport_or_the_loop():
                 if any(name == f or name.startswith(f + ".") for f in forbidden):
                     bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not bad, bad
+
+
+def test_the_bottom_layer_imports_only_itself():
+    bad = [f"{name}.py imports {m}" for name in BOTTOM
+           for m in _imports(PACKAGE / f"{name}.py", ()) if m.split(".")[0] not in BOTTOM]
+    assert not bad, bad
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """splitlora module -> the splitlora modules it imports anywhere in its file (function bodies too)."""
+    names = {".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    names.pop("__init__", None)
+
+    def module_of(dotted: str) -> str | None:
+        parts = dotted.split(".")
+        return next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in names), None)
+
+    graph = {}
+    for name, path in names.items():
+        package = tuple(path.relative_to(PACKAGE).parts[:-1])
+        graph[name] = {m for m in map(module_of, _imports(path, package)) if m and m != name}
+    return graph
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (as a path that ends where it starts), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(graph.get(v, ())):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        state[v] = 2
+        path.pop()
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_no_import_circle():
+    assert _circle(_module_graph()) is None, " -> ".join(_circle(_module_graph()))
+
+
+def test_the_circle_finder_finds_one():
+    assert _circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
 def test_the_checker_sees_a_forbidden_import(tmp_path):

@@ -65,6 +65,7 @@ ACTORS = {"fed": 2, "splitlora-batched": 1}  # several clients per actor (one sh
 RESERVE = {"sl": dict(client_cpus=1.0, server_cpus=1.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_ray_run_equals_in_process_run(tmp_path, tiny_gpt2, ray_cluster, case):
     cfg = tiny_config(steps=4, threads=1, **CASES[case])
@@ -81,6 +82,7 @@ def test_ray_run_equals_in_process_run(tmp_path, tiny_gpt2, ray_cluster, case):
     assert (tmp_path / "ray" / "config.yaml").read_text() == (tmp_path / "inprocess" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_killed_client_actor_is_dropped_and_the_run_goes_on(tmp_path, tiny_gpt2, ray_cluster):
     from splitlora.algorithms import ALGORITHMS
     from splitlora.messages import Forward
@@ -167,3 +169,4 @@ def test_client_actors_fit_the_cluster():
     assert fitting_actors({"CPU": 8.0, "GPU": 2.0}, RayOptions(backend="ray", client_gpus=0.5, server_gpus=1.0), 5) == 2
     assert RayOptions(backend="ray", actors=2).clients_per_actor(3) == [[0], [1, 2]]
     assert RayOptions(backend="ray").clients_per_actor(1) == [[0]]
+    assert RayOptions(backend="ray").clients_per_actor(3, fitting_actors({"CPU": 2.0}, defaults, 3)) == [[0, 1, 2]]

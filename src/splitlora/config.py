@@ -488,7 +488,8 @@ class RayOptions:
                                        "this machine) or HOST:PORT (its head); default: start a local one",
                                  flag="--ray-address")
     actors: int = option(0, "with --backend ray: client actors; the clients are spread over them in index order, "
-                            "those of one actor sharing one copy of the base weights (0: one per client)",
+                            "those of one actor sharing one copy of the base weights (0: one per client, or as "
+                            "many as the cluster holds; the other clients queue on them)",
                          flag="--ray-actors")
     client_cpus: float = option(1.0, "with --backend ray: CPUs each client actor reserves", flag="--client-cpus")
     client_gpus: float = option(0.0, "with --backend ray: GPUs each client actor reserves (fractions share one)",
@@ -532,9 +533,10 @@ class RayOptions:
                                     f"reserved)")
         return self
 
-    def clients_per_actor(self, n: int) -> list[list[int]]:
-        """Client indices of each actor: ``n`` clients over ``actors`` actors, in index order."""
-        k = min(self.actors or n, n)
+    def clients_per_actor(self, n: int, actors: int | None = None) -> list[list[int]]:
+        """Client indices of each actor: ``n`` clients over ``actors`` (default: ``self.actors``) actors, in
+        index order."""
+        k = min(actors or self.actors or n, n)
         return [list(range(n))[a * n // k:(a + 1) * n // k] for a in range(k)]
 
 

@@ -1,11 +1,11 @@
 """``splitlora train --backend ray``: the simulation's parties as Ray actors.
 
 * :class:`ClientHost` (one Ray actor each, long-lived): one or more clients, built with the very code
-  of the simulation (:func:`splitlora.simulation.run.client_apps` on one :class:`~splitlora.models.parts.SharedModel`,
+  of the simulation (:func:`splitlora.simulation.parties.client_apps` on one :class:`~splitlora.models.parts.SharedModel`,
   so the clients of one actor share one copy of the base weights). Each keeps its part, its LoRA, its
   optimiser state, its data shard and its own random stream, and runs the commands it is given.
 * :class:`ServerHost` (one more actor, with its own CPUs/GPUs): the algorithm, the one loop
-  (:func:`splitlora.simulation.run.run_training`) over a :class:`~splitlora.simulation.ray_grid.RayGrid`; it
+  (:func:`splitlora.simulation.parties.run_training`) over a :class:`~splitlora.simulation.ray_grid.RayGrid`; it
   writes ``OUT/config.yaml``, ``OUT/metrics.jsonl`` (+ ``.csv``) and ``OUT/adapter/`` as ``train``
   does. It is placed on the driver's node when it can be, so that ``OUT`` is where the command ran.
 * :func:`train_ray` (the driver): joins or starts the cluster, starts the actors, shows the server's
@@ -62,7 +62,7 @@ class ClientHost:
         from ..models.loading import load_model
         from ..models.precision import party_dtype
         from ..models.parts import SharedModel
-        from .run import client_apps
+        from .parties import client_apps
 
         _quiet_libraries()
         setup_torch(cfg.seed, cfg.threads)
@@ -118,7 +118,7 @@ class ServerHost:
         from ..models.parts import SharedModel
         from ..runtime.metrics import MetricsLog
         from ..runtime.loop import Stopped
-        from .run import run_training
+        from .parties import run_training
         from .ray_grid import RayGrid
 
         _quiet_libraries()
@@ -208,7 +208,7 @@ def start_clients(cfg: RunConfig, opts: RayOptions) -> tuple[list, dict, list[Cl
     """The client actors (started and ready): ``(actors, {name: actor}, clients)``."""
     ray = import_ray()
     n = ALGORITHMS[cfg.algorithm].parties(cfg)
-    groups = opts.clients_per_actor(n if opts.actors else fitting_actors(ray.cluster_resources(), opts, n))
+    groups = opts.clients_per_actor(n, opts.actors or fitting_actors(ray.cluster_resources(), opts, n))
     check_resources(ray, opts, len(groups))
     actor_cls = ray.remote(ClientHost)
     device = _party_device(cfg, opts.client_gpus)
