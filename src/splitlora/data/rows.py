@@ -202,7 +202,7 @@ def _load_hub(name: str):
 def rename_columns(ds, mapping: dict[str, str], source: str):
     missing = [c for c in mapping.values() if c not in ds.column_names]
     if missing:
-        raise UserError(f"{source}: columns names {missing[0]!r}, which is not a column "
+        raise UserError(f"{source}: --columns names {missing[0]!r}, which is not a column "
                         f"(columns: {', '.join(ds.column_names)})")
     renames = {col: name for name, col in mapping.items() if col != name}
     clash = [n for n in renames.values() if n in ds.column_names and n not in renames]
