@@ -259,7 +259,8 @@ def bad(tmp_path, name, content):
     ("a.jsonl", json.dumps({"q": "a", "a": "b"}) + "\n", {"data_format": {"columns": "prompt=question"}}, r"'question', which is not a column"),
     ("a.jsonl", json.dumps({"q": "a", "a": "b"}) + "\n", {}, r"cannot tell the row shape"),
     ("a.jsonl", json.dumps({"prompt": "a " * 80, "completion": "b"}) + "\n", {"max_length": 64}, r"max_length 64 leaves no completion tokens"),
-    ("a.jsonl", "", {}, r"no rows|cannot read"),
+    ("a.jsonl", "", {}, r"a\.jsonl is empty"),
+    ("a.csv", "prompt,completion\n", {}, r"a\.csv has no rows"),
     ("a.txt", "hello", {}, r"unknown format '.txt'"),
 ])
 def test_bad_input_is_one_line(tmp_path, tiny_gpt2, name, content, kw, needle):

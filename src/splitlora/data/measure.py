@@ -12,6 +12,7 @@ import argparse
 import json
 import random
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,25 @@ def generate(path: Path, rows: int, shape: str, seed: int = 0) -> None:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssSampler(threading.Thread):
+    """Peaks of anonymous (heap) and file-backed (memory-mapped Arrow) resident memory, every 0.2 s."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in self.peak:
+                self.peak[key] = max(self.peak[key], int(value.split()[0]) // 1024)
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.sample()
 
 
 def main(argv=None) -> None:
@@ -54,12 +74,20 @@ def main(argv=None) -> None:
     cfg = RunConfig.from_dict({"model": "tiny-gpt2", "data": str(path), "clients": 10, "partition": "column:site",
                                "max_length": 96, "data_format": {"chat_template": chat}})
     base = peak_rss_mib()
+    sampler = RssSampler()
+    sampler.sample()
+    anon_before = sampler.peak["RssAnon"]
+    sampler.start()
     t0 = time.perf_counter()
     data = prepare_data(cfg, tok)
     seconds = time.perf_counter() - t0
+    sampler.done.set()
+    sampler.sample()
     print(json.dumps({"rows": args.rows, "shape": args.shape, "file_mib": round(path.stat().st_size / 2**20, 1),
                       "seconds": round(seconds, 1), "rows_per_s": round(args.rows / seconds),
                       "peak_rss_mib": round(peak_rss_mib()), "rss_before_mib": round(base),
+                      "peak_anon_mib": sampler.peak["RssAnon"], "anon_before_mib": anon_before,
+                      "peak_file_mib": sampler.peak["RssFile"],
                       "train": len(data.train), "val": len(data.val),
                       "clients": [len(ix) for ix in data.client_indices][:3]}))
 
