@@ -259,7 +259,8 @@ def bad(tmp_path, name, content):
     ("a.jsonl", json.dumps({"q": "a", "a": "b"}) + "\n", {"data_format": {"columns": "prompt=question"}}, r"'question', which is not a column"),
     ("a.jsonl", json.dumps({"q": "a", "a": "b"}) + "\n", {}, r"cannot tell the row shape"),
     ("a.jsonl", json.dumps({"prompt": "a " * 80, "completion": "b"}) + "\n", {"max_length": 64}, r"max_length 64 leaves no completion tokens"),
-    ("a.jsonl", "", {}, r"no rows|cannot read"),
+    ("a.jsonl", "", {}, r"a\.jsonl is empty"),
+    ("a.csv", "prompt,completion\n", {}, r"a\.csv has no rows"),
     ("a.txt", "hello", {}, r"unknown format '.txt'"),
 ])
 def test_bad_input_is_one_line(tmp_path, tiny_gpt2, name, content, kw, needle):
@@ -280,3 +281,30 @@ def test_bad_input_on_the_command_line(tmp_path, capsys):
     assert main(["train", "--model", "tiny-gpt2", "--chat-template", str(tmp_path / "none.jinja"),
                  "--out", str(tmp_path / "run")]) == 2
     assert "chat template file not found" in capsys.readouterr().err
+
+
+def test_a_hub_id_offline_is_one_line(tiny_gpt2):
+    with pytest.raises(UserError, match="not a local path and could not be read as a hub data set"):
+        prepare_data(cfg_for("nobody-here/no-such-data-set"), tiny_gpt2.tokenizer)
+
+
+def test_e2e_rows_encode_as_the_papers_prompt(e2e_dir, tiny_gpt2):
+    """E2E through datasets gives the rows, split, encodings and partition of the plain CSV reading:
+    whole MR groups held out, prompt_template(mr) + ' ref<eos>', loss on the reference."""
+    from splitlora.data.batching import encode_labelled, encode_all
+    from splitlora.data.e2e import read_e2e_csv
+    from splitlora.data.partition import partition
+
+    tok = tiny_gpt2.tokenizer
+    cfg = tiny_config(data=str(e2e_dir / "devset.csv"), val_fraction=0.1, max_length=40, clients=3,
+                      partition="dirichlet:0.5")  # 40: some rows are dropped, as before
+    examples = read_e2e_csv(e2e_dir / "devset.csv")
+    mrs = sorted({ex.mr for ex in examples})
+    val_mrs = {mrs[i] for i in np.random.default_rng(cfg.seed).permutation(len(mrs))[:round(len(mrs) * 0.1)]}
+    kept, train = encode_labelled([e for e in examples if e.mr not in val_mrs], tok, cfg.prompt_template, cfg.max_length)
+    val = encode_all([e for e in examples if e.mr in val_mrs], tok, cfg.prompt_template, cfg.max_length)
+    parts = partition(len(kept), cfg.clients, cfg.partition, cfg.seed,
+                      key_of=lambda i: kept[i].slots().get(cfg.partition_key, ""))
+    data = prepare_data(cfg, tok)
+    assert list(data.train) == train and list(data.val) == val and data.client_indices == parts
+    assert list(data.train_examples) == kept

@@ -462,7 +462,8 @@ class ClientOptions:
     server: str = option(help="HOST:PORT of the server", flag="--server")
     client_id: str = option(help="this client's name in the server's token file", flag="--client-id")
     token: str = option(help="this client's token (from --token-file)")
-    data: str = option(help="E2E CSV file (or folder of them): all of it is this client's training data",
+    data: str = option(help="this client's rows, any format train's --data takes (.jsonl, .json, .csv, .parquet, "
+                            "a folder of them or a save_to_disk folder): all of it is its training data",
                        flag="--data")
     tls_ca: bytes | None = option(None, "PEM of the CA that signed the server's certificate (enables TLS)")
     reconnect_timeout: float = option(300.0, "keep trying to reach the server for S seconds",

@@ -169,10 +169,7 @@ def _partition(cfg: RunConfig, train, shape: str, kept: np.ndarray, sizes, n_cli
             names = [name for name, _ in sizes]
             site = np.searchsorted(np.cumsum([n for _, n in sizes]), kept, side="right")
         else:
-            column = cfg.partition.split(":", 1)[1]
-            values = _key_values(train, column, shape, source)
-            names = sorted(set(values))
-            site = np.searchsorted(np.array(names, dtype=object), np.array(values, dtype=object))
+            names, site = _codes(train, cfg.partition.split(":", 1)[1], source)
         if len(names) != n_clients:
             raise UserError(f"partition {cfg.partition} gives {len(names)} clients ({', '.join(names[:8])}"
                             f"{', ...' if len(names) > 8 else ''}): pass --clients {len(names)}")
@@ -188,6 +185,20 @@ def _partition(cfg: RunConfig, train, shape: str, kept: np.ndarray, sizes, n_cli
         values = _key_values(train, key, shape, source)
         key_of = values.__getitem__
     return partition(len(train), n_clients, cfg.partition, cfg.seed, key_of=key_of), []
+
+
+def _codes(train, column: str, source: str) -> tuple[list[str], np.ndarray]:
+    """The distinct values of ``column`` (as text, sorted) and each row's index among them, in Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column not in train.column_names:
+        raise UserError(f"{source}: partition column {column!r} is not a column (columns: {', '.join(train.column_names)})")
+    values = train.with_format("arrow")[column]  # honours the selection of kept rows
+    values = pc.cast(values, pa.string()).fill_null("")
+    distinct = pc.unique(values)
+    distinct = distinct.take(pc.sort_indices(distinct))
+    return distinct.to_pylist(), pc.index_in(values, value_set=distinct).to_numpy(zero_copy_only=False)
 
 
 def _key_values(train, key: str, shape: str, source: str) -> list[str]:

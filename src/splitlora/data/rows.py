@@ -107,8 +107,10 @@ def load_files(files: list[Path], source: str):
     import datasets
 
     builder = BUILDERS[files[0].suffix.lower()]
-    if builder != "parquet":
-        for f in files:
+    for f in files:
+        if f.stat().st_size == 0:
+            raise UserError(f"data file {f} is empty")
+        if builder != "parquet":
             check_utf8(f)  # Arrow's JSON reader would only fail later, on reading the text
     options = {"keep_default_na": False, "encoding": "utf-8-sig"} if builder == "csv" else {}
     try:
@@ -151,6 +153,8 @@ def diagnose(path: Path) -> None:
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+    if BUILDERS[path.suffix.lower()] == "csv" and sum(1 for line in raw.splitlines() if line.strip()) < 2:
+        raise UserError(f"data file {path} has no rows (only a header)")
     if BUILDERS[path.suffix.lower()] != "json":
         return
     text = raw.decode("utf-8")
@@ -196,7 +200,7 @@ def _load_hub(name: str):
 def rename_columns(ds, mapping: dict[str, str], source: str):
     missing = [c for c in mapping.values() if c not in ds.column_names]
     if missing:
-        raise UserError(f"{source}: columns names {missing[0]!r}, which is not a column "
+        raise UserError(f"{source}: --columns names {missing[0]!r}, which is not a column "
                         f"(columns: {', '.join(ds.column_names)})")
     renames = {col: name for name, col in mapping.items() if col != name}
     clash = [n for n in renames.values() if n in ds.column_names and n not in renames]
@@ -210,5 +214,5 @@ def detect_shape(columns, source: str) -> str:
         if all(c in columns for c in needs):
             return shape
     raise UserError(f"{source}: cannot tell the row shape from columns {', '.join(columns) or '(none)'}: "
-                    "expected messages, prompt+completion, text or mr+ref (map yours with --columns, "
+                    "expected 'messages', 'prompt' and 'completion', 'text', or 'mr' and 'ref' (map yours with --columns, "
                     "e.g. --columns prompt=question,completion=answer)")

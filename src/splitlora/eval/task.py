@@ -87,7 +87,7 @@ def evaluate_task(run: Path, cfg: RunConfig, data: str, *, limit: int | None, be
 
     t0 = time.perf_counter()
     enc = encode_rows(cfg, tokenizer, ds, source, shape)
-    items = EncodedRows(enc.filter(lambda loss: loss, input_columns="loss"))
+    items = EncodedRows(enc.select([i for i, kept in enumerate(enc["loss"]) if kept]))
     total, count = token_nll(model, items, tokenizer.pad_token_id, batch_size) if len(items) else (0.0, 0)
     loss = total / count if count else None
     try:
