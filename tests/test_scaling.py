@@ -174,3 +174,18 @@ def test_random_llama3_shaped_checkpoint_is_written_shard_by_shard(tmp_path):
     part, _ = lean_load(str(path), "client", 1, torch.bfloat16)
     assert part.get_submodule("model.embed_tokens").weight.shape == (50257, 64)
     assert part.get_submodule("model.layers.0.mlp.down_proj").weight.dtype == torch.bfloat16
+
+
+def test_deployed_parties_in_their_dtypes_match_the_simulation(tmp_path, tiny_gpt2):
+    """Over gRPC (loopback, threads): bf16 clients with checkpointing and an fp32 server give the
+    simulation's adapter; each party read its lean part in its own dtype."""
+    from test_deploy import adapter, deploy_config, max_abs_diff, write_client_csvs
+
+    from splitlora.transport.loopback import run_loopback
+    from splitlora.train import train
+
+    cfg = deploy_config(steps=3, clients=2, dtype="bf16", server_dtype="fp32", gradient_checkpointing=True)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    sim = train(cfg, tmp_path / "train", progress=False)
+    out = run_loopback(cfg, csvs, tmp_path / "loop", mode="threads", timeout=240)
+    assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) <= 1e-6

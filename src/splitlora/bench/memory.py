@@ -37,6 +37,7 @@ class Settings:
     parallel_probes: int = 1  # probes at a time (memory is per process; >1 only shortens smoke runs)
     deployed_model: str = "gpt2-medium"  # "" = no deployed-client row
     deployed_steps: int = 3
+    deployed_dtype: str = "fp32"  # of the deployed client and its server
     target_deployed: float = 1.15  # deployed client peak RSS / (baseline + its tensors)
     # The client of a Llama-3-8B-shaped model truncated to big_blocks blocks (random bf16 weights,
     # written to big_model_dir first if absent; "" = no such rows), one probe per variant:
@@ -186,12 +187,12 @@ def _deployed(s: Settings, opts: Options) -> dict:
 
     probe = probe_all([ProbeSpec(role="client", model=s.deployed_model, cut=s.target_cut, batch_size=s.batch_size,
                                  max_length=s.max_length, warmup=s.warmup_steps, steps=s.steps,
-                                 threads=opts.threads, device=opts.device)])[0]
+                                 threads=opts.threads, device=opts.device, dtype=s.deployed_dtype)])[0]
     meta, _, _ = lean_skeleton(s.deployed_model)
     whole = sum(p.numel() * p.element_size() for p in meta.parameters()) / 2**20
     cfg = RunConfig(model=s.deployed_model, clients=1, cut_layer=s.target_cut, batch_size=s.batch_size,
                     max_length=s.max_length, steps=s.deployed_steps, aggregate_every=s.deployed_steps,
-                    threads=opts.threads, device=opts.device).validate()
+                    threads=opts.threads, device=opts.device, dtype=s.deployed_dtype).validate()
     with tempfile.TemporaryDirectory(prefix="splitlora-memory-") as tmp:
         data = Path(tmp) / "client.csv"
         with data.open("w", newline="", encoding="utf-8") as fh:
@@ -211,7 +212,7 @@ def _deployed(s: Settings, opts: Options) -> dict:
     expected = probe["baseline_rss_mib"] + probe["tensors_mib"]
     if opts.progress:
         log(f"[memory] deployed client {s.deployed_model}: peak RSS {peak:.0f} MiB, expected {expected:.0f} MiB")
-    return {"model": s.deployed_model, "cut": s.target_cut, "peak_rss_mib": peak,
+    return {"model": f"{s.deployed_model} ({s.deployed_dtype})", "cut": s.target_cut, "peak_rss_mib": peak,
             "baseline_rss_mib": probe["baseline_rss_mib"], "tensors_mib": probe["tensors_mib"],
             "expected_mib": expected, "ratio": peak / expected, "whole_weights_mib": whole,
             "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": s.deployed_model})}
