@@ -189,3 +189,32 @@ def test_deployed_parties_in_their_dtypes_match_the_simulation(tmp_path, tiny_gp
     sim = train(cfg, tmp_path / "train", progress=False)
     out = run_loopback(cfg, csvs, tmp_path / "loop", mode="threads", timeout=240)
     assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) <= 1e-6
+
+
+def test_a_lean_quantized_part_is_read_block_by_block_and_equals_the_simulation(sharded, monkeypatch):
+    """Lean + nf4: each block is quantized as soon as it is read (never the whole part unquantized),
+    and the result computes what the simulation's quantized part computes."""
+    pytest.importorskip("bitsandbytes")
+    from splitlora.config import RunConfig
+    from splitlora.models import quantize
+    from splitlora.models.loading import LoadedModel
+    from splitlora.models.parts import LeanModel, SharedModel
+    from splitlora.models.split import client_forward
+
+    path, model = sharded
+    cfg = RunConfig(model=str(path), cut_layer=2, dtype="bf16", quantize="nf4").validate()
+    unquantized_at_once = []
+    real = quantize.quantize_block
+
+    def spy(block, *args):
+        unquantized_at_once.append(sum(type(m) is torch.nn.Linear and not m.weight.is_meta
+                                       for m in block.modules()))
+        real(block, *args)
+
+    monkeypatch.setattr(quantize, "quantize_block", spy)
+    lean = LeanModel(str(path), cfg).lora_part("client")
+    assert unquantized_at_once[:2] == [7, 7]  # one block's 7 linears at a time
+    shared = SharedModel(LoadedModel(model, gpt2_tokenizer(), str(path)), cfg).lora_part("client")
+    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    # (training mode: under no_grad bitsandbytes' CPU path repacks weights, which needs larger layers)
+    assert torch.equal(client_forward(lean.train(), ids, mask), client_forward(shared.train(), ids, mask))

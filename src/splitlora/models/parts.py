@@ -141,7 +141,8 @@ class LeanModel(ModelSource):
     def part(self, side: str) -> nn.Module:
         from .lean import lean_part
 
-        return lean_part(self.meta, self.index, side, self.split, party_dtype(self.cfg, side))
+        return lean_part(self.meta, self.index, side, self.split, party_dtype(self.cfg, side),
+                         party_quantize(self.cfg, side))
 
     def skeleton(self) -> nn.Module:
         return self.meta
