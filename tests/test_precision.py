@@ -131,3 +131,15 @@ def test_parties_may_differ_and_fp16_scales_its_loss(tmp_path, tiny_gpt2):
     assert algo.server.dtype == torch.bfloat16 and not algo.server.optimizer.scaler.is_enabled()
     result = train(cfg, tmp_path / "run", progress=False, loaded=tiny_gpt2)
     assert result.last_loss < result.first_loss
+
+
+@pytest.mark.cuda
+def test_bf16_split_equals_cen_on_cuda(tmp_path, tiny_gpt2):
+    """On a GPU (`splitlora bench gpu` runs it): the bf16 invariant with CUDA kernels."""
+    common = dict(steps=6, clients=1, aggregate_every=1, batch_size=2, synthetic_examples=20, dtype="bf16",
+                  device="cuda")
+    train(tiny_config(algorithm="splitlora", gradient_checkpointing=True, **common), tmp_path / "split",
+          progress=False, loaded=tiny_gpt2)
+    train(tiny_config(algorithm="cen", **common), tmp_path / "cen", progress=False, loaded=tiny_gpt2)
+    a, b = _adapter(tmp_path / "split"), _adapter(tmp_path / "cen")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3  # CUDA kernels may differ in reduction order

@@ -135,3 +135,86 @@ def test_bench_gpu_dry_run(tmp_path, monkeypatch):
     assert device_map[0]["first_block_on"] == "cpu"
     assert tests[0]["failed"] == 0 and tests[0]["skipped"] >= 1  # no GPU here: the cuda tests skip
     assert "| plain PEFT (unsplit) |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_lean_parties_load_in_their_own_dtypes(sharded):
+    """A deployed client in bf16 beside a server in fp32, from the same bf16 checkpoint; LoRA stays fp32."""
+    from splitlora.config import RunConfig
+    from splitlora.models.parts import LeanModel
+
+    path, model = sharded
+    cfg = RunConfig(model=str(path), cut_layer=1, dtype="bf16", server_dtype="fp32").validate()
+    source = LeanModel(str(path), cfg)
+    for side, dtype in (("client", torch.bfloat16), ("server", torch.float32)):
+        part = source.lora_part(side)
+        assert {p.dtype for n, p in part.named_parameters() if "lora_" not in n} == {dtype}, side
+        assert {p.dtype for n, p in part.named_parameters() if "lora_" in n} == {torch.float32}, side
+    ref = dict(model.named_parameters())["model.layers.1.mlp.up_proj.weight"]
+    assert torch.equal(dict(part.named_parameters())["model.layers.1.mlp.up_proj.weight"], ref.float())
+
+
+def test_precision_flags_reach_the_config():
+    from splitlora.cli import build_parser, main, resolve_config
+
+    args = build_parser().parse_args(["train", "--dtype", "bf16", "--server-dtype", "fp16", "--gradient-checkpointing",
+                                      "--quantize", "nf4"])
+    cfg = resolve_config(args)
+    assert (cfg.dtype, cfg.server_dtype, cfg.gradient_checkpointing, cfg.quantize) == ("bf16", "fp16", True, "nf4")
+    assert resolve_config(build_parser().parse_args(["train"])).gradient_checkpointing is False
+    assert main(["train", "--dtype", "fp8"]) == 2  # one line, exit 2
+
+
+def test_random_llama3_shaped_checkpoint_is_written_shard_by_shard(tmp_path):
+    from splitlora.bench.bigmodel import llama3_config, write_random_checkpoint
+    from splitlora.models.lean import lean_load
+
+    path = write_random_checkpoint(tmp_path / "m", llama3_config(tiny=True, blocks=3), shard_bytes=1 << 20)
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 1 and not list(path.glob(".shard-*"))
+    part, _ = lean_load(str(path), "client", 1, torch.bfloat16)
+    assert part.get_submodule("model.embed_tokens").weight.shape == (50257, 64)
+    assert part.get_submodule("model.layers.0.mlp.down_proj").weight.dtype == torch.bfloat16
+
+
+def test_deployed_parties_in_their_dtypes_match_the_simulation(tmp_path, tiny_gpt2):
+    """Over gRPC (loopback, threads): bf16 clients with checkpointing and an fp32 server give the
+    simulation's adapter; each party read its lean part in its own dtype."""
+    from test_deploy import adapter, deploy_config, max_abs_diff, write_client_csvs
+
+    from splitlora.transport.loopback import run_loopback
+    from splitlora.train import train
+
+    cfg = deploy_config(steps=3, clients=2, dtype="bf16", server_dtype="fp32", gradient_checkpointing=True)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    sim = train(cfg, tmp_path / "train", progress=False)
+    out = run_loopback(cfg, csvs, tmp_path / "loop", mode="threads", timeout=240)
+    assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) <= 1e-6
+
+
+def test_a_lean_quantized_part_is_read_block_by_block_and_equals_the_simulation(sharded, monkeypatch):
+    """Lean + nf4: each block is quantized as soon as it is read (never the whole part unquantized),
+    and the result computes what the simulation's quantized part computes."""
+    pytest.importorskip("bitsandbytes")
+    from splitlora.config import RunConfig
+    from splitlora.models import quantize
+    from splitlora.models.loading import LoadedModel
+    from splitlora.models.parts import LeanModel, SharedModel
+    from splitlora.models.split import client_forward
+
+    path, model = sharded
+    cfg = RunConfig(model=str(path), cut_layer=2, dtype="bf16", quantize="nf4").validate()
+    unquantized_at_once = []
+    real = quantize.quantize_block
+
+    def spy(block, *args):
+        unquantized_at_once.append(sum(type(m) is torch.nn.Linear and not m.weight.is_meta
+                                       for m in block.modules()))
+        real(block, *args)
+
+    monkeypatch.setattr(quantize, "quantize_block", spy)
+    lean = LeanModel(str(path), cfg).lora_part("client")
+    assert unquantized_at_once[:2] == [7, 7]  # one block's 7 linears at a time
+    shared = SharedModel(LoadedModel(model, gpt2_tokenizer(), str(path)), cfg).lora_part("client")
+    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    # (training mode: under no_grad bitsandbytes' CPU path repacks weights, which needs larger layers)
+    assert torch.equal(client_forward(lean.train(), ids, mask), client_forward(shared.train(), ids, mask))

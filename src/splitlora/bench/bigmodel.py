@@ -47,30 +47,34 @@ def write_random_checkpoint(out: str | Path, config, dtype: torch.dtype = torch.
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
-    shards, current, size = [], {}, 0
+    names = {}  # tensor name -> shard number; the shards' final names need their count, so rename at the end
+    current, size, written = {}, 0, []
+
+    def flush():
+        nonlocal current, size
+        if current:
+            tmp = out / f".shard-{len(written) + 1:05d}.safetensors"
+            save_file(current, str(tmp), metadata={"format": "pt"})
+            written.append((tmp, size))
+            current, size = {}, 0
+
     for name, p in meta.state_dict().items():
         if name.endswith("norm.weight"):
             t = torch.ones(p.shape, dtype=dtype)
         else:
-            t = (torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02).to(dtype)
-        if current and size + t.numel() * t.element_size() > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += t.numel() * t.element_size()
-        if size >= shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    shards.clear()
+            t = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+        current[name], size, names[name] = t, size + nbytes, len(written) + 1
+        del t
+    flush()
+    weight_map = {}
+    for i, (tmp, _) in enumerate(written):
+        tmp.rename(out / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors")
+    for name, shard in names.items():
+        weight_map[name] = f"model-{shard:05d}-of-{len(written):05d}.safetensors"
+    total = sum(n for _, n in written)
     config.dtype = dtype
     config.save_pretrained(out)
     gpt2_tokenizer().save_pretrained(out)

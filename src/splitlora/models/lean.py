@@ -153,13 +153,22 @@ def lean_skeleton(name: str):
 
 
 def lean_part(model: nn.Module, index: SafetensorsIndex, side: str, cut: "Split | int",
-              dtype: torch.dtype = torch.float32) -> nn.Module:
+              dtype: torch.dtype = torch.float32, quantize: str | None = None) -> nn.Module:
     """``side`` ("client", "server" or "whole") of the meta ``model`` with real, frozen weights, its
-    floating parameters in ``dtype`` (buffers keep theirs).
+    floating parameters in ``dtype`` (buffers keep theirs). ``quantize`` (nf4, int8): each block is
+    read and quantized before the next is read, so the part never exists unquantized.
 
     Module names are those of the whole model, so LoRA configs and keys are the engine's.
     """
     part = model if side == "whole" else make_part(model, side, cut)
+    if quantize:
+        from .quantize import quantize_block
+        from .split import architecture_of
+
+        blocks = part.get_submodule(architecture_of(part).layers)
+        for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
+            materialise(block, model, index, dtype)
+            quantize_block(block, quantize, dtype, "cpu")
     materialise(part, model, index, dtype)
     part.requires_grad_(False)
     return part

@@ -93,8 +93,8 @@ class SharedModel(ModelSource):
         super().__init__(cfg)
         # One model per dtype the parties use (clients and server may differ); ``model`` is the
         # clients' (and the whole model's). The caller's model is never cast: a dtype it is not in is
-        # a cast copy (``build_simulation`` loads it in the clients' dtype, so only a server in
-        # another dtype costs a copy).
+        # a cast copy (``build_simulation`` loads it in the parties' dtype when they agree, else in
+        # fp32, so that no party's copy is cast from a lower precision than the file's).
         wanted = [party_dtype(cfg, "client")]
         wanted += [d for d in [party_dtype(cfg, "server")] if d not in wanted]
         own = loaded.model.dtype
@@ -141,7 +141,8 @@ class LeanModel(ModelSource):
     def part(self, side: str) -> nn.Module:
         from .lean import lean_part
 
-        return lean_part(self.meta, self.index, side, self.split, party_dtype(self.cfg, side))
+        return lean_part(self.meta, self.index, side, self.split, party_dtype(self.cfg, side),
+                         party_quantize(self.cfg, side))
 
     def skeleton(self) -> nn.Module:
         return self.meta

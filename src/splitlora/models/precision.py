@@ -63,3 +63,10 @@ def cast_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     return model
+
+
+def load_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype to load a simulation's one model in: the parties' if they agree, else fp32 (each
+    party's copy is then cast from full precision, as a deployed party reads it from the file)."""
+    client, server = party_dtype(cfg, "client"), party_dtype(cfg, "server")
+    return client if client == server else torch.float32

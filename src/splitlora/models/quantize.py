@@ -56,9 +56,13 @@ def quantize_base(part: nn.Module, kind: str, device) -> nn.Module:
     dtype = compute_dtype(part)
     blocks = part.get_submodule(arch.layers)
     for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
-        for name, module in list(block.named_modules()):
-            if type(module) is nn.Linear:
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, attr,
-                        quantized_layer(module, kind, dtype, device))
+        quantize_block(block, kind, dtype, device)
     return part
+
+
+def quantize_block(block: nn.Module, kind: str, dtype: torch.dtype, device) -> None:
+    """Swap ``block``'s ``nn.Linear`` layers (with real weights) for quantized ones, in place."""
+    for name, module in list(block.named_modules()):
+        if type(module) is nn.Linear and not module.weight.is_meta:
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, attr, quantized_layer(module, kind, dtype, device))

@@ -19,7 +19,7 @@ from ..eval.loss import mean_loss
 from ..models.loading import LoadedModel, load_model
 from ..models.lora import add_lora, load_lora_state, save_adapter
 from ..models.parts import ModelSource, SharedModel
-from ..models.precision import party_dtype
+from ..models.precision import load_dtype
 from ..models.split import make_part
 from ..runtime.client import ClientApp
 from ..runtime.loop import RunResult, Stopped, Totals, run_loop
@@ -63,7 +63,7 @@ def client_apps(cfg: RunConfig, source: ModelSource, data, device, indices=None)
 def build_simulation(cfg: RunConfig, loaded: LoadedModel | None = None):
     """``(source, data, grid, algorithm)``: every party of ``cfg`` in this process."""
     device = resolve_device(cfg.device)
-    source = SharedModel(loaded or load_model(cfg.model, party_dtype(cfg, "client")), cfg, device)
+    source = SharedModel(loaded or load_model(cfg.model, load_dtype(cfg)), cfg, device)
     data = prepare_data(cfg, source.tokenizer)
     grid = InProcessGrid(client_apps(cfg, source, data, device), cfg.wire_dtype)
     algo = ALGORITHMS[cfg.algorithm](cfg, source, grid, device)

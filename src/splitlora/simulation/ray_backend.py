@@ -60,14 +60,14 @@ class ClientHost:
         from ..data import prepare_data
         from ..device import resolve_device, setup_torch
         from ..models.loading import load_model
-        from ..models.precision import party_dtype
+        from ..models.precision import load_dtype
         from ..models.parts import SharedModel
         from .parties import client_apps
 
         _quiet_libraries()
         setup_torch(cfg.seed, cfg.threads)
         device = resolve_device(device)
-        source = SharedModel(load_model(cfg.model, party_dtype(cfg, "client")), cfg, device)
+        source = SharedModel(load_model(cfg.model, load_dtype(cfg)), cfg, device)
         data = prepare_data(cfg, source.tokenizer)
         self.apps = {app.name: app for app in client_apps(cfg, source, data, device, indices)}
 
@@ -114,7 +114,7 @@ class ServerHost:
         from ..data import prepare_data
         from ..device import resolve_device, setup_torch
         from ..models.loading import load_model
-        from ..models.precision import party_dtype
+        from ..models.precision import load_dtype
         from ..models.parts import SharedModel
         from ..runtime.metrics import MetricsLog
         from ..runtime.loop import Stopped
@@ -126,7 +126,7 @@ class ServerHost:
         self.out.mkdir(parents=True, exist_ok=True)
         setup_torch(cfg.seed, cfg.threads)
         device = resolve_device(self.device)
-        source = SharedModel(load_model(cfg.model, party_dtype(cfg, "client")), cfg, device)
+        source = SharedModel(load_model(cfg.model, load_dtype(cfg)), cfg, device)
         data = prepare_data(cfg, source.tokenizer)
         watched = self
 
