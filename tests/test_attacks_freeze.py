@@ -150,3 +150,33 @@ def test_busy_refusals_cost_the_honest_client_nothing(tmp_path, csvs, solo, late
     assert Crowded.calls > 10
     assert results[0].rejoins == 0 and set(drops(tmp_path / "server", HONEST)) <= {"left"}
     assert same_as_solo(server, solo, "every other call of the honest client refused as busy") == 0
+
+
+def test_client_holding_every_barrier_is_dropped_at_the_others_pace(tmp_path, csvs, solo, later):
+    """A client that answers every command just before --client-timeout (10 s here) used to hold every
+    step's barrier that long, unpunished (216x the honest wall time over 4 steps). The straggler rule
+    drops it once its reply is later than straggler_floor + straggler_factor x the lower median of the
+    run's recent answer times; it may rejoin at a round boundary and is dropped again at its first stall.
+    The run finishes with the honest client's adapter alone (the attacker's work never got in)."""
+    cfg = attack_config()
+    stall = 0.9 * FAST["client_timeout"]
+
+    def hold(command, reply):
+        if isinstance(command, Forward):
+            time.sleep(stall)
+        return reply
+
+    server = start_server(cfg, tmp_path / "server", later, straggler_factor=2.0, straggler_floor=0.5)
+    errors, attacker_errors = [], []
+    tampering_client(server.port, csvs[0], later, attacker_errors, hold)
+    honest = start_honest(server, csvs[1], later, errors)
+    start = time.monotonic()
+    finish(server, honest, errors)
+    wall = time.monotonic() - start
+    reasons = drops(tmp_path / "server")
+    assert reasons and all("no answer to Forward" in r and "--straggler-factor" in r for r in reasons), reasons
+    assert set(drops(tmp_path / "server", HONEST)) <= {"left"}
+    finite_outputs(tmp_path / "server")
+    print(f"\nstall of {stall:g}s per Forward: run of {cfg.steps} steps took {wall:.1f}s wall, "
+          f"{server.result.seconds:.1f}s of training, attacker dropped {len(reasons)}x")
+    assert same_as_solo(server, solo, "a client holding every barrier") == 0

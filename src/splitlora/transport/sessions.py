@@ -67,7 +67,6 @@ class _Pending:
     def __init__(self, grid: "GrpcGrid", member: _Member, command, proto: pb.Command, expect: Expect):
         self.grid, self.member, self.command, self.proto, self.expect = grid, member, command, proto, expect
         self.issued = time.monotonic()
-        self.answered: float | None = None
         self.raw: pb.ClientMessage | None = None
         self.wire_bytes = 0
 
@@ -244,9 +243,7 @@ class GrpcGrid:
                     self._drop(m, f"no answer to {type(p.command).__name__} within {timeout:g}s{why}")
                     return None
                 self.cond.wait(min(left, 0.25))
-            took = (p.answered or time.monotonic()) - p.issued
-            times = self.answer_times.setdefault(type(p.command), [])
-            times[:] = (times + [took])[-self.ANSWER_HISTORY:]
+
         try:
             reply = reply_from_proto(p.raw, p.expect)
         except WireError as exc:
@@ -317,8 +314,12 @@ class GrpcGrid:
                     self.invalid += 1
                     self._drop(m, "sent a reply to a command it was not given", grpc.StatusCode.INVALID_ARGUMENT)
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a reply to a command this client was not given")
-                p.raw, p.wire_bytes, p.answered = msg, wire_bytes, time.monotonic()
+                p.raw, p.wire_bytes = msg, wire_bytes
                 m.awaiting = None
+                # Recorded as it arrives (not when the loop reads it), so a stalled client ahead in the
+                # loop's order is judged by the pace of those that already answered.
+                times = self.answer_times.setdefault(type(p.command), [])
+                times[:] = (times + [time.monotonic() - p.issued])[-self.ANSWER_HISTORY:]
                 self.cond.notify_all()
             elif m.awaiting is not None:
                 self._drop(m, "polled while it owed a reply")
