@@ -180,3 +180,25 @@ def test_client_holding_every_barrier_is_dropped_at_the_others_pace(tmp_path, cs
     print(f"\nstall of {stall:g}s per Forward: run of {cfg.steps} steps took {wall:.1f}s wall, "
           f"{server.result.seconds:.1f}s of training, attacker dropped {len(reasons)}x")
     assert same_as_solo(server, solo, "a client holding every barrier") == 0
+
+
+def test_refusal_warnings_are_rate_limited_per_client_and_cause(caplog):
+    """A storm of refused calls (4,613 WARNING lines in 35 s before) logs each (client, cause) at its
+    1st, 2nd, 4th, 8th, ... occurrence with the count; invented client names beyond max_keys share one."""
+    import logging
+
+    from splitlora.transport.throttle import Throttled
+
+    log = logging.getLogger("splitlora.test.throttle")
+    caplog.set_level(logging.WARNING, logger=log.name)
+    t = Throttled(log, max_keys=3)
+    for _ in range(1000):
+        t.warning("0", "busy", "refused a call of client %s", "0")
+    t.warning("0", "invalid", "invalid from %s", "0")
+    for i in range(100):
+        t.warning(f"fake{i}", "auth", "refused %s", f"fake{i}")
+    lines = [r.getMessage() for r in caplog.records]
+    busy = [m for m in lines if m.startswith("refused a call")]
+    assert len(busy) == 10 and busy[-1].endswith("[512 times so far]")  # 1, 2, 4, ..., 512
+    assert sum(m.startswith("invalid") for m in lines) == 1
+    assert len(lines) - 11 <= 1 + 7  # one invented name, then the shared "(others)" count: 1, 2, 4, ..., 64

@@ -159,3 +159,26 @@ def test_u_shape_tail_gradient_cannot_own_the_server_update(tiny_gpt2, mode):
           f"-> {d / y.d_extra:.2f}x")
     assert d <= BOUND * y.d_extra
     assert not grid.dropped
+
+
+# ---- what is logged ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm,extra", [("fed", {}), ("splitlora", {"split_shape": "u-shape", "cut_layer": 1})])
+def test_forged_loss_does_not_reach_the_log(tiny_gpt2, algorithm, extra):
+    """A client reporting a loss of 1e308 (finite) used to overflow every logged mean into null; its report
+    is left out: every logged loss is finite and an honest one (cross-entropy of tiny-gpt2, < 20)."""
+    import json
+
+    from splitlora.messages import StepDone, TailGrad
+
+    def forge(command, reply, me):
+        if isinstance(reply, (StepDone, TailGrad)):
+            reply.loss = 1e308
+        return reply
+
+    cfg = tiny_config(algorithm=algorithm, clients=3, **extra)
+    _, _, attacked = run(cfg, tiny_gpt2, attackers={2: lambda app: Malicious(app, forge)})
+    rows = [r for r in attacked.records if "event" not in r]
+    assert len(rows) == cfg.steps
+    assert all(r["loss"] is not None and r["loss"] < 20 for r in rows), [r["loss"] for r in rows]
+    json.dumps(attacked.records, allow_nan=False)

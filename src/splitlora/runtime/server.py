@@ -35,6 +35,7 @@ from ..device import PartyRng, party_seed
 from ..messages import Activations, Backward, Tail, TailGrad
 from ..models.split import server_forward
 from .hooks import Hook, Work, observe
+from .metrics import plausible_loss
 from .optim import Optimizer
 
 
@@ -244,7 +245,9 @@ class SplitServer:
     def _tail_replies(self, hidden, live, grads, share) -> dict:
         self.optimizer.step()
         step = live[0][1].step
-        loss = sum(grads[c].loss * share[c] for c, _, _ in live)
+        counted = [c for c, _, _ in live if plausible_loss(grads[c].loss)]  # a forged report is left out
+        weight = sum(share[c] for c in counted)
+        loss = sum(grads[c].loss * share[c] for c in counted) / weight if weight else 0.0
         replies = {}
         for c, a, row in live:
             b, t = a.hidden.shape[:2]
