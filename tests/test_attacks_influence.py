@@ -182,3 +182,63 @@ def test_forged_loss_does_not_reach_the_log(tiny_gpt2, algorithm, extra):
     assert len(rows) == cfg.steps
     assert all(r["loss"] is not None and r["loss"] < 20 for r in rows), [r["loss"] for r in rows]
     json.dumps(attacked.records, allow_nan=False)
+
+
+# ---- the rules themselves (no model) ------------------------------------------------------------------
+
+def _uploads(rows, claims=None):
+    claims = claims or [10] * len(rows)
+    return [(str(i), i, c, {"w": torch.tensor(r, dtype=torch.float32)}) for i, (r, c) in enumerate(zip(rows, claims))]
+
+
+def _rules(**kw):
+    from splitlora.config import Aggregation
+    return Aggregation(**kw)
+
+
+def test_rules_match_their_definitions():
+    import numpy as np
+
+    from splitlora.runtime.aggregator import coordinate_median, krum_scores, trimmed_mean
+
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(coordinate_median(x), torch.from_numpy(np.median(x.numpy(), axis=0)))
+    s = np.sort(x.numpy(), axis=0)
+    assert torch.allclose(trimmed_mean(x, 0.2), torch.from_numpy(s[1:5].mean(axis=0)))
+    # Krum: a tight cluster of 4 and one far point; the far point has the worst score.
+    pts = torch.tensor([[0.0, 0], [0.1, 0], [0, 0.1], [0.1, 0.1], [50, 50]])
+    assert int(krum_scores(pts, 1).argmax()) == 4
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan"])
+def test_robust_rule_ignores_a_far_upload(rule):
+    from splitlora.runtime.aggregator import AGGREGATORS
+
+    honest = [[1.0, 1.0], [1.1, 0.9], [0.9, 1.1], [1.0, 1.05], [1.05, 1.0], [0.95, 1.0]]
+    rows = honest + [[1e3, -1e3]]
+    agg = AGGREGATORS[rule](_rules(rule=rule, max_update_ratio=0))
+    assert agg.tolerates(len(rows)) >= 1
+    out = agg(_uploads(rows), {"w": torch.zeros(2)})
+    assert out.state is not None and float((out.state["w"] - 1).abs().max()) <= 0.1, out.state
+
+
+def test_fedavg_weight_cap_and_norm_reference_from_earlier_rounds():
+    from splitlora.runtime.aggregator import Aggregator
+
+    agg = Aggregator(_rules())
+    current = {"w": torch.zeros(2)}
+    out = agg(_uploads([[1, 0], [0, 1], [1, 1]], claims=[10, 10, 1 << 40]), current)
+    assert out.capped == {"2": 1 << 40} and out.samples == [10, 10, 15]
+    assert agg.reference == pytest.approx(1.0)  # the lower median of 1, 1, 1.41
+    # Next round: colluders (2 of 3) push every norm to 100: the reference grows at most 4x.
+    out = agg(_uploads([[100, 0], [0, 100], [1, 0]]), current)
+    assert out.bound == pytest.approx(1.5 * 4 * 1.0)
+    assert float(out.state["w"].norm()) <= out.bound + 1e-6
+
+
+def test_an_average_that_is_not_finite_is_never_sent():
+    from splitlora.runtime.aggregator import Aggregator
+
+    agg = Aggregator(_rules(max_update_ratio=0, max_weight_ratio=0))
+    out = agg(_uploads([[3e38, 0], [3e38, 0]]), {"w": torch.zeros(2)})
+    assert out.state is None and "not finite" in out.refused
