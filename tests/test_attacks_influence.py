@@ -242,3 +242,23 @@ def test_an_average_that_is_not_finite_is_never_sent():
     agg = Aggregator(_rules(max_update_ratio=0, max_weight_ratio=0))
     out = agg(_uploads([[3e38, 0], [3e38, 0]]), {"w": torch.zeros(2)})
     assert out.state is None and "not finite" in out.refused
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_two_part_activations_cannot_own_the_server_update(tiny_gpt2, mode):
+    """Two-part split: activations scaled a million times (inside the value bound) reach the server's
+    LoRA only through its blocks' layer norms and a cross-entropy it computes itself, so one client's
+    share of the server's update is bounded without clipping; measured here against one more honest
+    client."""
+    from splitlora.messages import Activations
+
+    def scale(command, reply, me):
+        if isinstance(reply, Activations):
+            reply.hidden = reply.hidden * 1e6
+        return reply
+
+    y = Yardstick(tiny_config(clients=4, server_mode=mode), tiny_gpt2)
+    d, grid, _ = y.attack(lambda app: Malicious(app, scale))
+    print(f"\ntwo-part {mode}, activations x1e6: attacked {d:.3g} vs one honest extra {y.d_extra:.3g} "
+          f"-> {d / y.d_extra:.2f}x")
+    assert d <= BOUND * y.d_extra
