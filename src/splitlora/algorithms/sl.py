@@ -113,6 +113,7 @@ class SplitLearning(Algorithm):
         h = self.handover
         return {**super().state_dict(), "server_lora": lora_state(self.server.part),
                 "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                "tail_grad_history": list(self.server.influence.history),
                 "handover": {"state": h.state, "exp_avg": h.exp_avg, "exp_avg_sq": h.exp_avg_sq,
                              "opt_steps": h.opt_steps}}
 
@@ -121,6 +122,7 @@ class SplitLearning(Algorithm):
         load_lora_state(self.server.part, state["server_lora"])
         self.server.optimizer.load_state_dict(state["server_optimizer"])
         self.server.rng.load_state_dict(state["server_rng"])
+        self.server.influence.history = [float(x) for x in state.get("tail_grad_history", [])]
         h = state["handover"]
         self.handover = Handover(h["state"], h["exp_avg"], h["exp_avg_sq"], int(h["opt_steps"]))
         self.holder, self.taken = None, 0

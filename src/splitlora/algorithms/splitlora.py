@@ -54,7 +54,8 @@ class SplitLoRA(Algorithm):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server_lora": lora_state(self.server.part),
-                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict()}
+                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                "tail_grad_history": list(self.server.influence.history)}
 
     def load_state_dict(self, state: dict) -> None:
         from ..models.lora import load_lora_state
@@ -63,3 +64,4 @@ class SplitLoRA(Algorithm):
         load_lora_state(self.server.part, state["server_lora"])
         self.server.optimizer.load_state_dict(state["server_optimizer"])
         self.server.rng.load_state_dict(state["server_rng"])
+        self.server.influence.history = [float(x) for x in state.get("tail_grad_history", [])]
