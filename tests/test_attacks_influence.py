@@ -262,3 +262,15 @@ def test_two_part_activations_cannot_own_the_server_update(tiny_gpt2, mode):
     print(f"\ntwo-part {mode}, activations x1e6: attacked {d:.3g} vs one honest extra {y.d_extra:.3g} "
           f"-> {d / y.d_extra:.2f}x")
     assert d <= BOUND * y.d_extra
+
+
+@pytest.mark.parametrize("bad,needle", [({"rule": "mean"}, "aggregation.rule"),
+                                        ({"max_weight_ratio": 0.5}, "max_weight_ratio"),
+                                        ({"trim_fraction": 0.5}, "trim_fraction"),
+                                        ({"tail_grad_ratio": -1}, "tail_grad_ratio")])
+def test_bad_aggregation_settings_are_one_line_errors(bad, needle):
+    from splitlora.config import RunConfig
+    from splitlora.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        RunConfig.from_dict({"aggregation": bad})
