@@ -26,8 +26,8 @@ import pytest
 import torch
 import yaml
 
-from test_deploy import (TOKENS, ThreadServer, adapter, deploy_config, honest_client, max_abs_diff, md,
-                         poll_until_asked, read_records, rpc, step_rows, events, write_client_csvs)
+from deploy_helpers import (TOKENS, ThreadServer, adapter, deploy_config, honest_client, max_abs_diff, md,
+                            poll_until_asked, read_records, rpc, step_rows, events, write_client_csvs)
 from splitlora.messages import Activations, AdapterUpdate, Forward, Handover, TailGrad, Upload
 from splitlora.transport import splitlora_pb2 as pb
 from splitlora.transport import splitlora_pb2_grpc as pb_grpc

@@ -150,3 +150,55 @@ def test_busy_refusals_cost_the_honest_client_nothing(tmp_path, csvs, solo, late
     assert Crowded.calls > 10
     assert results[0].rejoins == 0 and set(drops(tmp_path / "server", HONEST)) <= {"left"}
     assert same_as_solo(server, solo, "every other call of the honest client refused as busy") == 0
+
+
+def test_client_holding_every_barrier_is_dropped_at_the_others_pace(tmp_path, csvs, solo, later):
+    """A client that answers every command just before --client-timeout (10 s here) used to hold every
+    step's barrier that long, unpunished (216x the honest wall time over 4 steps). The straggler rule
+    drops it once its reply is later than straggler_floor + straggler_factor x the lower median of the
+    run's recent answer times; it may rejoin at a round boundary and is dropped again at its first stall.
+    The run finishes with the honest client's adapter alone (the attacker's work never got in)."""
+    cfg = attack_config()
+    stall = 0.9 * FAST["client_timeout"]
+
+    def hold(command, reply):
+        if isinstance(command, Forward):
+            time.sleep(stall)
+        return reply
+
+    server = start_server(cfg, tmp_path / "server", later, straggler_factor=2.0, straggler_floor=0.5)
+    errors, attacker_errors = [], []
+    tampering_client(server.port, csvs[0], later, attacker_errors, hold)
+    honest = start_honest(server, csvs[1], later, errors)
+    start = time.monotonic()
+    finish(server, honest, errors)
+    wall = time.monotonic() - start
+    reasons = drops(tmp_path / "server")
+    assert reasons and all("no answer to Forward" in r and "--straggler-factor" in r for r in reasons), reasons
+    assert set(drops(tmp_path / "server", HONEST)) <= {"left"}
+    finite_outputs(tmp_path / "server")
+    print(f"\nstall of {stall:g}s per Forward: run of {cfg.steps} steps took {wall:.1f}s wall, "
+          f"{server.result.seconds:.1f}s of training, attacker dropped {len(reasons)}x")
+    assert same_as_solo(server, solo, "a client holding every barrier") == 0
+
+
+def test_refusal_warnings_are_rate_limited_per_client_and_cause(caplog):
+    """A storm of refused calls (4,613 WARNING lines in 35 s before) logs each (client, cause) at its
+    1st, 2nd, 4th, 8th, ... occurrence with the count; invented client names beyond max_keys share one."""
+    import logging
+
+    from splitlora.transport.throttle import Throttled
+
+    log = logging.getLogger("splitlora.test.throttle")
+    caplog.set_level(logging.WARNING, logger=log.name)
+    t = Throttled(log, max_keys=3)
+    for _ in range(1000):
+        t.warning("0", "busy", "refused a call of client %s", "0")
+    t.warning("0", "invalid", "invalid from %s", "0")
+    for i in range(100):
+        t.warning(f"fake{i}", "auth", "refused %s", f"fake{i}")
+    lines = [r.getMessage() for r in caplog.records]
+    busy = [m for m in lines if m.startswith("refused a call")]
+    assert len(busy) == 10 and busy[-1].endswith("[512 times so far]")  # 1, 2, 4, ..., 512
+    assert sum(m.startswith("invalid") for m in lines) == 1
+    assert len(lines) - 11 <= 1 + 7  # one invented name, then the shared "(others)" count: 1, 2, 4, ..., 64

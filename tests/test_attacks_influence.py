@@ -159,3 +159,118 @@ def test_u_shape_tail_gradient_cannot_own_the_server_update(tiny_gpt2, mode):
           f"-> {d / y.d_extra:.2f}x")
     assert d <= BOUND * y.d_extra
     assert not grid.dropped
+
+
+# ---- what is logged ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm,extra", [("fed", {}), ("splitlora", {"split_shape": "u-shape", "cut_layer": 1})])
+def test_forged_loss_does_not_reach_the_log(tiny_gpt2, algorithm, extra):
+    """A client reporting a loss of 1e308 (finite) used to overflow every logged mean into null; its report
+    is left out: every logged loss is finite and an honest one (cross-entropy of tiny-gpt2, < 20)."""
+    import json
+
+    from splitlora.messages import StepDone, TailGrad
+
+    def forge(command, reply, me):
+        if isinstance(reply, (StepDone, TailGrad)):
+            reply.loss = 1e308
+        return reply
+
+    cfg = tiny_config(algorithm=algorithm, clients=3, **extra)
+    _, _, attacked = run(cfg, tiny_gpt2, attackers={2: lambda app: Malicious(app, forge)})
+    rows = [r for r in attacked.records if "event" not in r]
+    assert len(rows) == cfg.steps
+    assert all(r["loss"] is not None and r["loss"] < 20 for r in rows), [r["loss"] for r in rows]
+    json.dumps(attacked.records, allow_nan=False)
+
+
+# ---- the rules themselves (no model) ------------------------------------------------------------------
+
+def _uploads(rows, claims=None):
+    claims = claims or [10] * len(rows)
+    return [(str(i), i, c, {"w": torch.tensor(r, dtype=torch.float32)}) for i, (r, c) in enumerate(zip(rows, claims))]
+
+
+def _rules(**kw):
+    from splitlora.config import Aggregation
+    return Aggregation(**kw)
+
+
+def test_rules_match_their_definitions():
+    import numpy as np
+
+    from splitlora.runtime.aggregator import coordinate_median, krum_scores, trimmed_mean
+
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(coordinate_median(x), torch.from_numpy(np.median(x.numpy(), axis=0)))
+    s = np.sort(x.numpy(), axis=0)
+    assert torch.allclose(trimmed_mean(x, 0.2), torch.from_numpy(s[1:5].mean(axis=0)))
+    # Krum: a tight cluster of 4 and one far point; the far point has the worst score.
+    pts = torch.tensor([[0.0, 0], [0.1, 0], [0, 0.1], [0.1, 0.1], [50, 50]])
+    assert int(krum_scores(pts, 1).argmax()) == 4
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan"])
+def test_robust_rule_ignores_a_far_upload(rule):
+    from splitlora.runtime.aggregator import AGGREGATORS
+
+    honest = [[1.0, 1.0], [1.1, 0.9], [0.9, 1.1], [1.0, 1.05], [1.05, 1.0], [0.95, 1.0]]
+    rows = honest + [[1e3, -1e3]]
+    agg = AGGREGATORS[rule](_rules(rule=rule, max_update_ratio=0))
+    assert agg.tolerates(len(rows)) >= 1
+    out = agg(_uploads(rows), {"w": torch.zeros(2)})
+    assert out.state is not None and float((out.state["w"] - 1).abs().max()) <= 0.1, out.state
+
+
+def test_fedavg_weight_cap_and_norm_reference_from_earlier_rounds():
+    from splitlora.runtime.aggregator import Aggregator
+
+    agg = Aggregator(_rules())
+    current = {"w": torch.zeros(2)}
+    out = agg(_uploads([[1, 0], [0, 1], [1, 1]], claims=[10, 10, 1 << 40]), current)
+    assert out.capped == {"2": 1 << 40} and out.samples == [10, 10, 15]
+    assert agg.reference == pytest.approx(1.0)  # the lower median of 1, 1, 1.41
+    # Next round: colluders (2 of 3) push every norm to 100: the reference grows at most 4x.
+    out = agg(_uploads([[100, 0], [0, 100], [1, 0]]), current)
+    assert out.bound == pytest.approx(1.5 * 4 * 1.0)
+    assert float(out.state["w"].norm()) <= out.bound + 1e-6
+
+
+def test_an_average_that_is_not_finite_is_never_sent():
+    from splitlora.runtime.aggregator import Aggregator
+
+    agg = Aggregator(_rules(max_update_ratio=0, max_weight_ratio=0))
+    out = agg(_uploads([[3e38, 0], [3e38, 0]]), {"w": torch.zeros(2)})
+    assert out.state is None and "not finite" in out.refused
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_two_part_activations_cannot_own_the_server_update(tiny_gpt2, mode):
+    """Two-part split: activations scaled a million times (inside the value bound) reach the server's
+    LoRA only through its blocks' layer norms and a cross-entropy it computes itself, so one client's
+    share of the server's update is bounded without clipping; measured here against one more honest
+    client."""
+    from splitlora.messages import Activations
+
+    def scale(command, reply, me):
+        if isinstance(reply, Activations):
+            reply.hidden = reply.hidden * 1e6
+        return reply
+
+    y = Yardstick(tiny_config(clients=4, server_mode=mode), tiny_gpt2)
+    d, grid, _ = y.attack(lambda app: Malicious(app, scale))
+    print(f"\ntwo-part {mode}, activations x1e6: attacked {d:.3g} vs one honest extra {y.d_extra:.3g} "
+          f"-> {d / y.d_extra:.2f}x")
+    assert d <= BOUND * y.d_extra
+
+
+@pytest.mark.parametrize("bad,needle", [({"rule": "mean"}, "aggregation.rule"),
+                                        ({"max_weight_ratio": 0.5}, "max_weight_ratio"),
+                                        ({"trim_fraction": 0.5}, "trim_fraction"),
+                                        ({"tail_grad_ratio": -1}, "tail_grad_ratio")])
+def test_bad_aggregation_settings_are_one_line_errors(bad, needle):
+    from splitlora.config import RunConfig
+    from splitlora.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        RunConfig.from_dict({"aggregation": bad})

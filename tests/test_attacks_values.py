@@ -162,7 +162,7 @@ def test_tls_failures_stop_the_client_at_once(tmp_path, csvs, solo, later):
     """Finding 8: a client whose TLS handshake fails (a CA that did not sign the server's certificate;
     TLS against a plain-text server) stops within seconds with one line, although its reconnect
     timeout is 60 s; the honest client with the right CA trains as if alone."""
-    from test_deploy import self_signed_cert
+    from deploy_helpers import self_signed_cert
 
     from splitlora.errors import UserError
 

@@ -410,9 +410,9 @@ class ServeOptions:
                                           "before it is dropped", flag="--client-timeout")
     # Stragglers (transport/sessions.py): a deadline relative to how fast the other clients answer.
     straggler_factor: float = option(4.0, "a reply not there within straggler_floor + this many times the "
-                                          "lower median of the run's recent answer times (of that command) drops "
-                                          "its client (it may rejoin at the next round boundary; 0: only "
-                                          "--client-timeout)", flag="--straggler-factor")
+                                          "lower median of the other clients' recent answer times (of that "
+                                          "command) drops its client (it may rejoin at the next round boundary; "
+                                          "0: only --client-timeout)", flag="--straggler-factor")
     straggler_floor: float = option(5.0, "seconds added to the relative deadline (so honest jitter is never late)",
                                     flag="--straggler-floor")
     read_timeout: float = option(30.0, "seconds a client may take to send one message once it started; a slower "

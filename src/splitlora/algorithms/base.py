@@ -15,6 +15,7 @@ from ..registry import AGGREGATORS
 from ..runtime.aggregator import fedavg, make_aggregator
 from ..runtime.grid import ClientInfo, Grid, ask_all
 from ..runtime.server import SplitServer
+from ..runtime.metrics import plausible_loss
 
 
 @dataclass
@@ -27,9 +28,13 @@ class StepResult:
 
 
 def weighted_loss(pairs) -> tuple[float | None, int]:
-    pairs = [(loss, n) for loss, n in pairs if loss is not None and n]
+    """The token-weighted mean of ``(loss, tokens)`` pairs; a loss no model computed (runtime.metrics.
+    plausible_loss: a client's forged report) is left out (its tokens still count as trained)."""
+    pairs = [(loss, n) for loss, n in pairs if n]
+    trained = sum(n for _, n in pairs)
+    pairs = [(loss, n) for loss, n in pairs if plausible_loss(loss)]
     tokens = sum(n for _, n in pairs)
-    return (sum(loss * n for loss, n in pairs) / tokens if tokens else None, tokens)
+    return (sum(loss * n for loss, n in pairs) / tokens if tokens else None, trained)
 
 
 class Algorithm:

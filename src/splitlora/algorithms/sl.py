@@ -114,6 +114,7 @@ class SplitLearning(Algorithm):
         h = self.handover
         return {**super().state_dict(), "server_lora": self.server.lora_state(),
                 "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                "tail_grad_history": list(self.server.influence.history),
                 "handover": {"state": h.state, "exp_avg": h.exp_avg, "exp_avg_sq": h.exp_avg_sq,
                              "opt_steps": h.opt_steps},
                 **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
@@ -125,6 +126,7 @@ class SplitLearning(Algorithm):
         self.server.rng.load_state_dict(state["server_rng"])
         if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
             self.server.dp.load_state_dict(state["server_dp"])
+        self.server.influence.history = [float(x) for x in state.get("tail_grad_history", [])]
         h = state["handover"]
         self.handover = Handover(h["state"], h["exp_avg"], h["exp_avg_sq"], int(h["opt_steps"]))
         self.holder, self.taken = None, 0

@@ -54,6 +54,7 @@ class SplitLoRA(Algorithm):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server_lora": self.server.lora_state(),
                 "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
+                "tail_grad_history": list(self.server.influence.history),
                 **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -65,3 +66,4 @@ class SplitLoRA(Algorithm):
         self.server.rng.load_state_dict(state["server_rng"])
         if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
             self.server.dp.load_state_dict(state["server_dp"])
+        self.server.influence.history = [float(x) for x in state.get("tail_grad_history", [])]

@@ -17,6 +17,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# A mean token cross-entropy above this was not computed by a model (a uniform guess over a 10^6-token
+# vocabulary is 13.8): a client's report beyond it is left out of a logged loss, so that one forged value
+# (1e308) cannot overflow every logged mean into null.
+MAX_LOSS = 1e4
+
+
+def plausible_loss(loss) -> bool:
+    return loss is not None and math.isfinite(loss) and 0.0 <= loss <= MAX_LOSS
+
+
 def _finite(value):
     """NaN and infinities are not JSON: they are written as null."""
     if isinstance(value, float) and not math.isfinite(value):

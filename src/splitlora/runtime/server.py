@@ -38,6 +38,7 @@ from ..models.precision import compute_dtype
 from ..models.split import server_forward
 from ..privacy.dpsgd import DpSgd, party_bound, per_example_losses
 from .hooks import Hook, Work, observe
+from .metrics import plausible_loss
 from .optim import Optimizer
 
 
@@ -265,7 +266,9 @@ class SplitServer:
         self.optimizer.step()
         grad = self.optimizer.unscale(hidden.grad, scale)
         step = live[0][1].step
-        loss = sum(grads[c].loss * share[c] for c, _, _ in live)
+        counted = [c for c, _, _ in live if plausible_loss(grads[c].loss)]  # a forged report is left out
+        weight = sum(share[c] for c in counted)
+        loss = sum(grads[c].loss * share[c] for c in counted) / weight if weight else 0.0
         replies = {}
         for c, a, row in live:
             b, t = a.hidden.shape[:2]

@@ -22,6 +22,8 @@ import grpc
 
 from ..config import check_client_name
 from ..errors import UserError
+from .throttle import Throttled
+
 
 log = logging.getLogger("splitlora.transport.server")
 
@@ -106,6 +108,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self.tokens = {name: tok.encode() for name, tok in tokens.items()}
         self._dummy = secrets.token_hex(32).encode()
         self.on_refused = on_refused
+        self.throttled = Throttled(log)
 
     def intercept_service(self, continuation, details):
         md: dict[str, str] = {}
@@ -119,7 +122,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if match and token and expected is not None:
             return continuation(details)
         why = "no token" if not token else ("unknown client" if expected is None else "wrong token")
-        log.warning("refused %s (client %r): %s", details.method.rsplit("/", 1)[-1], safe_text(raw_name, 64), why)
+        method, name = details.method.rsplit("/", 1)[-1], safe_text(raw_name, 64)
+        self.throttled.warning(name, f"auth {method} {why}", "refused %s (client %r): %s", method, name, why)
         if self.on_refused is not None:
             self.on_refused()
         return _refusal(continuation(details))

@@ -19,7 +19,9 @@ from . import splitlora_pb2 as pb
 from . import splitlora_pb2_grpc as pb_grpc
 from .auth import TokenInterceptor, caller
 from .sessions import GrpcGrid, Refused
+from .throttle import Throttled
 from .wire import GRPC_FRAME_LIMIT, WireError, bytes_to_chunks, from_chunks, state_wire_bytes, to_chunks
+
 
 log = logging.getLogger("splitlora.transport.server")
 
@@ -31,6 +33,7 @@ _OVERHEAD = 256 << 10  # protobuf framing and tensor names on top of the tensor 
 class Servicer(pb_grpc.SplitLoRAServicer):
     def __init__(self, grid: GrpcGrid, opts: ServeOptions):
         self.grid, self.opts = grid, opts
+        self.throttled = Throttled(log)  # refusals: logged per client and cause at counts 1, 2, 4, 8, ...
         adapter = state_wire_bytes(grid.shapes)
         # The largest reply: activations (or a gradient), or an sl hand-over (adapter and two moments).
         self.exchange_limit = min(max(grid.limits.max_step_bytes(), 3 * adapter) + _OVERHEAD, opts.max_message_bytes)
@@ -76,7 +79,7 @@ class Servicer(pb_grpc.SplitLoRAServicer):
         try:
             slot.__enter__()
         except Refused as exc:
-            log.warning("refused a call of client %s: %s", name, exc.text)
+            self.throttled.warning(name, "busy", "refused a call of client %s: %s", name, exc.text)
             context.abort(exc.code, exc.text)
         try:
             yield
@@ -90,7 +93,7 @@ class Servicer(pb_grpc.SplitLoRAServicer):
                 return from_chunks(chunks, cls, limit, what=cls.__name__)
             except WireError as exc:
                 self.grid.drop_name(name, f"malformed {cls.__name__}: {exc}", grpc.StatusCode.INVALID_ARGUMENT)
-                log.warning("invalid %s from client %s: %s", cls.__name__, name, exc)
+                self.throttled.warning(name, f"invalid {cls.__name__}", "invalid %s from client %s: %s", cls.__name__, name, exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except grpc.RpcError:  # cancelled: too slow, or the client went away
                 if not timer.is_alive():
@@ -115,7 +118,8 @@ class Servicer(pb_grpc.SplitLoRAServicer):
             return fn()
         except Refused as exc:
             if exc.code not in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE):
-                log.warning("refused %s from client %s: %s", method, name, exc.text)
+                self.throttled.warning(name, f"{method} {exc.code.name}", "refused %s from client %s: %s", method, name,
+                                  exc.text)
             context.abort(exc.code, exc.text)
 
 

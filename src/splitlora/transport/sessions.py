@@ -12,7 +12,7 @@ handler threads call ``hello``/``exchange``/``leave``. They meet under one condi
   handler thread: every torch op of the process runs on one thread (see docs/deployment.md, Threads).
 * Every wait has a deadline: a reply not there within ``client_timeout`` drops its client, and so does
   one not there within ``straggler_floor + straggler_factor * r``, where ``r`` is the lower median of
-  the run's recent answer times for that kind of command (a client that holds every barrier just
+  the other clients' recent answer times for that kind of command (a client that holds every barrier just
   under ``client_timeout`` would otherwise slow the run a hundredfold, unpunished); a call
   with nothing to deliver is answered ``Wait`` after ``poll_interval``; admission waits at most
   ``join_timeout``. A dropped client may say Hello again and is admitted at the next round boundary.
@@ -67,7 +67,6 @@ class _Pending:
     def __init__(self, grid: "GrpcGrid", member: _Member, command, proto: pb.Command, expect: Expect):
         self.grid, self.member, self.command, self.proto, self.expect = grid, member, command, proto, expect
         self.issued = time.monotonic()
-        self.answered: float | None = None
         self.raw: pb.ClientMessage | None = None
         self.wire_bytes = 0
 
@@ -100,7 +99,7 @@ class GrpcGrid:
         self.told: set[str] = set()  # clients that heard the run is over (Finish, or a finished Hello)
         self._started = False
         self._next_id = 1
-        self.answer_times: dict[type, list[float]] = {}  # command type -> recent answer times (seconds)
+        self.answer_times: dict[type, list[tuple[str, float]]] = {}  # command type -> recent (client, seconds)
 
     # ==== the loop's side: the Grid interface =======================================================
     def admit(self, step: int, boundary: bool, welcome) -> list[ClientInfo]:
@@ -237,16 +236,14 @@ class GrpcGrid:
             while p.raw is None:
                 if m.state == "gone":
                     return None
-                timeout, relative = self._deadline(type(p.command))
+                timeout, relative = self._deadline(type(p.command), m.info.name)
                 left = p.issued + timeout - time.monotonic()
                 if left <= 0:
                     why = " (the others' answers' pace: --straggler-factor)" if relative else ""
                     self._drop(m, f"no answer to {type(p.command).__name__} within {timeout:g}s{why}")
                     return None
                 self.cond.wait(min(left, 0.25))
-            took = (p.answered or time.monotonic()) - p.issued
-            times = self.answer_times.setdefault(type(p.command), [])
-            times[:] = (times + [took])[-self.ANSWER_HISTORY:]
+
         try:
             reply = reply_from_proto(p.raw, p.expect)
         except WireError as exc:
@@ -261,9 +258,10 @@ class GrpcGrid:
 
     ANSWER_HISTORY = 32  # recent answer times kept per command type
 
-    def _deadline(self, kind: type) -> tuple[float, bool]:
-        """Seconds a reply to a ``kind`` command may take, and whether the straggler rule set them."""
-        times = self.answer_times.get(kind)
+    def _deadline(self, kind: type, name: str) -> tuple[float, bool]:
+        """Seconds client ``name``'s reply to a ``kind`` command may take, and whether the straggler rule
+        set them (from the other clients' answer times: alone, a client is only held to client_timeout)."""
+        times = [t for who, t in self.answer_times.get(kind, ()) if who != name]
         if not self.opts.straggler_factor or not times:
             return self.opts.client_timeout, False
         ref = sorted(times)[(len(times) - 1) // 2]
@@ -317,8 +315,12 @@ class GrpcGrid:
                     self.invalid += 1
                     self._drop(m, "sent a reply to a command it was not given", grpc.StatusCode.INVALID_ARGUMENT)
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a reply to a command this client was not given")
-                p.raw, p.wire_bytes, p.answered = msg, wire_bytes, time.monotonic()
+                p.raw, p.wire_bytes = msg, wire_bytes
                 m.awaiting = None
+                # Recorded as it arrives (not when the loop reads it), so a stalled client ahead in the
+                # loop's order is judged by the pace of those that already answered.
+                times = self.answer_times.setdefault(type(p.command), [])
+                times[:] = (times + [(name, time.monotonic() - p.issued)])[-self.ANSWER_HISTORY:]
                 self.cond.notify_all()
             elif m.awaiting is not None:
                 self._drop(m, "polled while it owed a reply")
