@@ -17,12 +17,16 @@ where the one party clips to ``C``). The accountant is in :mod:`splitlora.privac
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.batching import IGNORE
+
+# Opacus' hooks fire on the LoRA linears whose inputs (frozen activations) need no gradient: expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
