@@ -37,6 +37,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config (the format train writes to DIR/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set client_lora.rank=4 (repeatable)")
+    from .privacy.presets import HELP as PRIVACY_HELP
+
+    p.add_argument("--privacy", dest="privacy_preset", default=None, metavar="MODE", help=PRIVACY_HELP)
     for flag, (key, typ, text) in config_flags().items():
         where = "both sides' LoRA: " if key.startswith("*lora.") else ""
         p.add_argument(flag, type=typ, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]")
@@ -48,7 +51,12 @@ def resolve_config(args: argparse.Namespace):
 
     raw = read_yaml(args.config) if args.config else {}
     cfg = RunConfig.from_dict(raw)
-    overrides = parse_set(args.set)
+    overrides = {}
+    if getattr(args, "privacy_preset", None):  # a preset, then --set and flags over it
+        from .privacy.presets import preset
+
+        overrides.update(preset(args.privacy_preset))
+    overrides.update(parse_set(args.set))
     for flag, (key, _, _) in config_flags().items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is None:
