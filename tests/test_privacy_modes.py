@@ -27,6 +27,8 @@ def test_flags_override_the_preset_and_bad_names_are_one_line_errors():
     from splitlora.errors import UserError
 
     assert _resolve("--privacy", "private-records", "--dp-noise", "3.0").privacy.dp_noise_multiplier == 3.0
+    assert _resolve("--algorithm", "fed", "--secure-aggregation").privacy.secure_aggregation
+    assert not _resolve("--algorithm", "fed").privacy.secure_aggregation
     with pytest.raises(UserError):
         _resolve("--privacy", "everything-private")
     with pytest.raises(UserError):  # secure aggregation has nothing to aggregate in sl

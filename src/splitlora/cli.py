@@ -42,7 +42,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--privacy", dest="privacy_preset", default=None, metavar="MODE", help=PRIVACY_HELP)
     for flag, (key, typ, text) in config_flags().items():
         where = "both sides' LoRA: " if key.startswith("*lora.") else ""
-        p.add_argument(flag, type=typ, default=None, help=f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]")
+        shown = f"{where}{text} [{key.replace('*lora', 'client_lora/server_lora')}]"
+        if typ is bool:  # a switch: present means true (argparse's bool("false") would be True)
+            p.add_argument(flag, action="store_const", const=True, default=None, help=shown)
+        else:
+            p.add_argument(flag, type=typ, default=None, help=shown)
 
 
 def resolve_config(args: argparse.Namespace):
