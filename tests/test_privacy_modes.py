@@ -21,6 +21,7 @@ def test_each_preset_is_a_valid_config_with_its_protection():
     assert records.dp_sgd and records.dp_noise_multiplier > 0 and not records.secure_aggregation
     untrusted = _resolve("--privacy", "untrusted-server")
     assert untrusted.algorithm == "fed" and untrusted.privacy.secure_aggregation and untrusted.privacy.dp_sgd
+    assert untrusted.privacy.dp_poisson
 
 
 def test_flags_override_the_preset_and_bad_names_are_one_line_errors():

@@ -18,8 +18,9 @@ PRESETS: dict[str, dict] = {
     # The released adapter is (epsilon, delta)-DP per training record (DP-SGD on every LoRA gradient).
     "private-records": {"privacy.dp_clip_norm": 1.0, "privacy.dp_noise_multiplier": 1.0},
     # No server is trusted with a client's data: no split (fed), secure aggregation and DP-SGD.
+    # Poisson-sampled batches: the per-record epsilon is amplified by subsampling.
     "untrusted-server": {"algorithm": "fed", "privacy.secure_aggregation": True, "privacy.dp_clip_norm": 1.0,
-                         "privacy.dp_noise_multiplier": 1.0},
+                         "privacy.dp_noise_multiplier": 1.0, "privacy.dp_poisson": True},
 }
 
 HELP = ("privacy preset: " + ", ".join(PRESETS) + " (see docs/privacy.md; --set and flags override it)")
