@@ -108,6 +108,8 @@ class Algorithm:
         event = {"event": "aggregate" if avg.state is not None else "aggregate_skipped", "step": step,
                  "round": self.round, "clients": len(avg.used), "used": avg.used, "samples": avg.samples,
                  "bytes_up": spent.up, "bytes_down": spent.down, "update_norms": avg.update_norms}
+        if self.cfg.privacy.secure_aggregation:
+            event["secure_aggregation"] = True  # "samples" is then the survivors' total weight
         for key in ("rejected", "clipped", "capped"):
             if getattr(avg, key):
                 event[key] = getattr(avg, key)

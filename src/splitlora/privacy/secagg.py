@@ -355,6 +355,8 @@ def pack_unmasking(a: Unmasking) -> bytes:
 def unpack_unmasking(index: int, data: bytes) -> Unmasking:
     out = Unmasking(index)
     for key, share in unpack_blobs(data, 32).items():
+        if len(share) != 32:
+            raise SecAggError("an unmasking share must be 32 bytes")
         (out.s_shares if key % 2 else out.b_shares)[key // 2] = share
     return out
 
