@@ -203,7 +203,10 @@ class ClientApp:
 
         try:
             if cmd.stage == "keys":
-                self._secure = secagg.SecAggClient(self.index, secagg.unpack_params(cmd.data))
+                params = secagg.unpack_params(cmd.data)
+                if params.round != cmd.round or self.index not in params.clients:
+                    raise secagg.SecAggError("round parameters for another round or without this client")
+                self._secure = secagg.SecAggClient(self.index, params)
                 out = self._secure.advertise()
                 data = out.c_public + out.s_public
             elif self._secure is None or self._secure.p.round != cmd.round:
