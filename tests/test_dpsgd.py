@@ -176,3 +176,31 @@ def test_dp_config_checks():
     with pytest.raises(UserError):
         tiny_config(algorithm="splitlora", split_shape="u-shape", tail_layers=1,
                     privacy={"dp_clip_norm": 1.0})
+
+
+def test_poisson_sampling_is_poisson_and_its_epsilon_is_the_accountants(tmp_path, tiny_gpt2):
+    from opacus.accountants import RDPAccountant
+
+    from splitlora.privacy.accounting import dp_sgd_epsilon, poisson_dp_sgd_epsilon
+    from splitlora.privacy.dpsgd import PoissonStream
+    from splitlora.runtime.metrics import read_metrics
+    from splitlora.train import train
+
+    items = [type("E", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]})() for _ in range(200)]
+    stream = PoissonStream(items, 0.05, 0, seed=7)
+    sizes = [0 if b is None else b["input_ids"].shape[0] for b in (next(stream) for _ in range(400))]
+    assert len(set(sizes)) > 5 and 9 < sum(sizes) / len(sizes) < 11  # variable, mean rate x n = 10
+    assert 0 in sizes or min(sizes) < 5
+
+    acc = RDPAccountant()
+    acc.step(noise_multiplier=1.1, sample_rate=0.01)
+    acc.history = [(1.1, 0.01, 500)]
+    assert poisson_dp_sgd_epsilon(1.1, 0.01, 500, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=0.03)
+
+    cfg = tiny_config(algorithm="fed", steps=3, privacy={"dp_clip_norm": 0.01, "dp_noise_multiplier": 1.0,
+                                                         "dp_poisson": True})
+    train(cfg, tmp_path, progress=False, loaded=tiny_gpt2)
+    last = [r for r in read_metrics(tmp_path) if "event" not in r][-1]
+    # 18 records per site, batch 2: rate 1/9, 3 steps.
+    assert last["epsilon_sites"]["0"] == pytest.approx(poisson_dp_sgd_epsilon(1.0, 2 / 18, 3, 1e-5))
+    assert last["epsilon"] < dp_sgd_epsilon(1.0, 1, 1e-5)  # amplified: below one unsampled pass

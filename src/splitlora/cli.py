@@ -185,6 +185,10 @@ def _add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ())
     head.add_argument("-c", "--config", metavar="YAML", help="config file (the format train writes to DIR/config.yaml)")
     head.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override any config key, e.g. --set client_lora.rank=4 (repeatable; see below)")
+    from .privacy.presets import HELP as PRIVACY_HELP
+
+    add_group(p, "privacy").add_argument("--privacy", dest="privacy_preset", default=None, metavar="MODE",
+                                         help=PRIVACY_HELP)
     flags = config_flags()
     for title in (*GROUP_ORDER, *sorted({f.group for f in flags.values()} - set(GROUP_ORDER))):
         for flag, spec in flags.items():
@@ -205,7 +209,12 @@ def resolve_config(args: argparse.Namespace):
 
     raw = read_yaml(args.config) if args.config else {}
     cfg = RunConfig.from_dict(raw)
-    overrides = parse_set(args.set)
+    overrides = {}
+    if getattr(args, "privacy_preset", None):  # a preset, then --set and flags over it
+        from .privacy.presets import preset
+
+        overrides.update(preset(args.privacy_preset))
+    overrides.update(parse_set(args.set))
     for flag, spec in config_flags().items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:

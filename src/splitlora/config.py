@@ -106,6 +106,9 @@ class Privacy:
                                       "(split: C/sqrt(2) on each side of the cut; 0: off)", flag="--dp-clip")
     dp_noise_multiplier: float = option(0.0, "DP-SGD: Gaussian noise N(0, (sigma*C)^2) on every LoRA gradient "
                                              "coordinate, from each party's own generator (sigma)", flag="--dp-noise")
+    dp_poisson: bool = option(False, "DP-SGD: Poisson-sample each batch (every record with probability "
+                                     "batch_size / site size) so that epsilon is amplified by subsampling "
+                                     "(fed, cen)", flag="--dp-poisson")
 
     # Secure aggregation of client adapters (privacy/secagg.py): the aggregator sees only their sum.
     secure_aggregation: bool = option(False, "SecAgg: clients mask their adapters so that the aggregator learns only "
@@ -343,6 +346,9 @@ class RunConfig:
                                                 or self.privacy.secagg_threshold > self.clients):
             raise UserError("privacy.secure_aggregation needs an algorithm that averages client adapters (fed, "
                             "splitlora), >= 2 clients, secagg_clip > 0 and 0 <= secagg_threshold <= clients")
+        if self.privacy.dp_poisson and (not self.privacy.dp_sgd or not algo.whole_clients):
+            raise UserError("privacy.dp_poisson needs DP-SGD (privacy.dp_clip_norm > 0) and an algorithm whose clients "
+                            "hold the whole model (fed, cen): a split step cannot send an empty batch")
         if self.privacy.dp_sgd and self.u_shape and not algo.whole_clients:
             raise UserError("privacy.dp_clip_norm (DP-SGD) covers the two-part split, fed and cen; the U-shape is not supported")
         if self.privacy.dp_sgd and "fp16" in (self.dtype, self.server_dtype):

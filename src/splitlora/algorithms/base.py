@@ -173,6 +173,8 @@ class Algorithm:
         event = {"event": "aggregate" if avg.state is not None else "aggregate_skipped", "step": step,
                  "round": self.round, "clients": len(avg.used), "used": avg.used, "samples": avg.samples,
                  "bytes_up": spent.up, "bytes_down": spent.down, "update_norms": avg.update_norms}
+        if self.cfg.privacy.secure_aggregation:
+            event["secure_aggregation"] = True  # "samples" is then the survivors' total weight
         if avg.bound is not None:
             event["bound"] = round(avg.bound, 6)
         for key in ("rejected", "clipped", "capped", "refused", "average_clipped"):

@@ -11,6 +11,8 @@ weight cap (``aggregation.max_samples_per_client``). See docs/privacy.md.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import torch
 
@@ -32,26 +34,44 @@ def secure_fedavg(grid: Grid, clients: list[ClientInfo], round_: int, current: d
     p.check()
     failed = Averaged(None)
 
-    def stage(members, name, data_of):
-        replies = ask_all(grid, members, lambda c: SecAgg(round_, name, data_of(c)))
-        return {c: r for c, r in replies.items() if r.round == round_ and r.stage == name}
+    def stage(members, name, data_of, parse=lambda c, data: data):
+        """``{client: parse(client, reply data)}`` of the members that answered this stage with
+        something well formed; a malformed answer drops its client from the run."""
+        out = {}
+        for c, r in ask_all(grid, members, lambda c: SecAgg(round_, name, data_of(c))).items():
+            try:
+                if r.round != round_ or r.stage != name:
+                    raise secagg.SecAggError(f"a reply to stage {r.stage!r} of round {r.round}")
+                out[c] = parse(c, r.data)
+            except (secagg.SecAggError, struct.error) as exc:
+                grid.drop(c, f"secure aggregation, stage {name}: {exc}")
+        return out
 
-    up = stage(clients, "keys", lambda c: secagg.pack_params(p))
-    keys = {c.index: secagg.Keys(c.index, r.data[:32], r.data[32:64]) for c, r in up.items() if len(r.data) == 64}
+    up = stage(clients, "keys", lambda c: secagg.pack_params(p), lambda c, d: secagg.unpack_keys(
+        struct.pack(">II", 1, c.index) + d)[c.index])
+    keys = {c.index: k for c, k in up.items()}
     if len(keys) < p.threshold:
         return failed, list(up)
     relayed = secagg.pack_keys(keys)
-    up = stage([c for c in up if c.index in keys], "share", lambda c: relayed)
-    outgoing = {c.index: secagg.unpack_blobs(r.data) for c, r in up.items()}
+    up = stage(list(up), "share", lambda c: relayed, lambda c, d: secagg.unpack_blobs(d))
+    outgoing = {c.index: blobs for c, blobs in up.items()}
     shared = sorted(outgoing)
     up = stage(list(up), "mask", lambda c: secagg.pack_blobs(
-        {j: out[c.index] for j, out in outgoing.items() if c.index in out}))
-    masked = {c.index: secagg.unpack_vector(r.data, p) for c, r in up.items()}
+        {j: out[c.index] for j, out in outgoing.items() if c.index in out}), lambda c, d: secagg.unpack_vector(d, p))
+    masked = {c.index: y for c, y in up.items()}
     survivors = list(up)
     if len(masked) < p.threshold:
         return failed, survivors
-    roster = secagg.pack_roster(sorted(masked), sorted(set(shared) - set(masked)))
-    answers = [secagg.unpack_unmasking(c.index, r.data) for c, r in stage(survivors, "unmask", lambda c: roster).items()]
+    dropped = sorted(set(shared) - set(masked))
+    roster = secagg.pack_roster(sorted(masked), dropped)
+
+    def answer(c, d):
+        a = secagg.unpack_unmasking(c.index, d)
+        if set(a.b_shares) != set(masked) or set(a.s_shares) != set(dropped):
+            raise secagg.SecAggError("unmasking shares for other clients than the roster named")
+        return a
+
+    answers = list(stage(survivors, "unmask", lambda c: roster, answer).values())
     if len(answers) < p.threshold:
         return failed, survivors
     values, weight = secagg.unmask_sum(p, keys, shared, masked, answers)

@@ -1,2 +1,3 @@
-"""Privacy: defences on what leaves a client, the accountant that reports their guarantee, and the
-leakage audit that attacks a run's own traffic (see docs/privacy.md)."""
+"""Privacy: defences on what leaves a client, DP-SGD of the released adapter and its accountant, secure
+aggregation of client adapters, the ``--privacy`` presets, and the audits that attack a run's own
+traffic (leakage) and its released adapter (canaries); see docs/privacy.md."""

@@ -82,6 +82,8 @@ def releases_per_example(cfg: RunConfig, client_sizes: list[int]) -> int:
 # not Poisson-sampled: no amplification by subsampling is claimed; a record is in one batch per pass
 # over its site's data, so its epsilon is that of ``epochs_touched`` compositions (RDP, dp-accounting).
 # Every step before that only post-processes (AdamW, FedAvg), so the released adapter carries it.
+# With ``dp_poisson`` (fed, cen) each batch is Poisson-sampled at rate B / n and the accountant composes
+# the subsampled Gaussian (add/remove adjacency, multiplier sigma) once per step: amplification holds.
 
 def dp_sgd_epsilon(noise_multiplier: float, epochs: int, delta: float) -> float:
     """epsilon per record after its site's data was passed over ``epochs`` times (0 before any)."""
@@ -90,13 +92,35 @@ def dp_sgd_epsilon(noise_multiplier: float, epochs: int, delta: float) -> float:
     return epsilon(noise_multiplier / 2, epochs, delta)
 
 
+def poisson_dp_sgd_epsilon(noise_multiplier: float, rate: float, steps: int, delta: float) -> float:
+    """epsilon per record after ``steps`` Poisson-sampled steps at sampling ``rate`` (add/remove
+    adjacency, multiplier sigma: the analysis of Abadi et al. and Opacus; RDP)."""
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(PoissonSampledDpEvent(min(rate, 1.0), GaussianDpEvent(noise_multiplier)), steps)
+    return float(accountant.get_epsilon(delta))
+
+
 def dp_sgd_epsilons(cfg: RunConfig, clients, steps: int) -> dict[str, float]:
     """``{site name: epsilon per record}`` after ``steps`` steps; ``clients``: objects with ``name``,
     ``index`` and ``num_samples`` (the algorithm's members)."""
     p = cfg.privacy
     out = {}
     for c in clients:
-        epochs = epochs_touched(ALGORITHMS[cfg.algorithm].batches_drawn(cfg, c.index, steps), cfg.batch_size, c.num_samples)
+        batches = ALGORITHMS[cfg.algorithm].batches_drawn(cfg, c.index, steps)
+        if p.dp_poisson:
+            key = ("poisson", p.dp_noise_multiplier, cfg.batch_size / max(c.num_samples, 1), batches, p.delta)
+            if key not in _CACHE:
+                _CACHE[key] = poisson_dp_sgd_epsilon(*key[1:])
+            out[c.name] = _CACHE[key]
+            continue
+        epochs = epochs_touched(batches, cfg.batch_size, c.num_samples)
         out[c.name] = _cached_dp_epsilon(p.dp_noise_multiplier, epochs, p.delta)
     return out
 

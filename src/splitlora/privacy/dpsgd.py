@@ -17,12 +17,16 @@ where the one party clips to ``C``). The accountant is in :mod:`splitlora.privac
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.batching import IGNORE
+
+# Opacus' hooks fire on the LoRA linears whose inputs (frozen activations) need no gradient: expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -78,15 +82,15 @@ class DpSgd:
         """Replace every ``p.grad`` by the DP-SGD estimate of this batch; ``batch_size`` divides the
         noised sum (default: the number of examples recorded)."""
         samples = self.per_example()
-        if any(g is None for g in samples):  # a tensor the batch did not reach: its per-example grads are 0
-            b = next(g.shape[0] for g in samples if g is not None)
+        if any(g is None for g in samples):  # a tensor the batch did not reach (or an empty batch): zeros
+            b = next((g.shape[0] for g in samples if g is not None), 0)
             samples = [torch.zeros((b, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                        for g, p in zip(samples, self.params)]
         flat = torch.cat([g.flatten(1).float() for g in samples], dim=1)
         norms = flat.norm(dim=1)
         factor = (self.bound / norms.clamp_min(1e-12)).clamp(max=1.0)
         self.last_norms = (norms.detach(), (norms * factor).detach())
-        divide = float(batch_size or flat.shape[0])
+        divide = float(batch_size or max(flat.shape[0], 1))
         for p, g in zip(self.params, samples):
             total = torch.einsum("b,b...->...", factor.to(g.dtype), g)
             noise = torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
@@ -105,3 +109,24 @@ class DpSgd:
 def party_bound(clip_norm: float, split: bool) -> float:
     """The clip norm of one party's share of an example's gradient (see the module doc)."""
     return clip_norm / math.sqrt(2) if split else clip_norm
+
+
+class PoissonStream:
+    """Poisson sampling of a site's records (what the amplification-by-subsampling analysis needs):
+    each batch holds every record independently with probability ``rate``, drawn from the party's own
+    generator; a batch may be empty (``None``: the party still takes a noise-only step)."""
+
+    def __init__(self, items, rate: float, pad_id: int, seed: int):
+        import numpy as np
+
+        from ..data.batching import collate
+
+        self.items, self.rate, self.pad_id, self._collate = list(items), float(rate), pad_id, collate
+        self.rng = np.random.default_rng(seed)
+
+    def __next__(self):
+        picked = (self.rng.random(len(self.items)) < self.rate).nonzero()[0]
+        return self._collate([self.items[i] for i in picked], self.pad_id) if len(picked) else None
+
+    def __iter__(self):
+        return self

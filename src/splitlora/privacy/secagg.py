@@ -102,9 +102,19 @@ def precision(p: Params, count: int) -> float:
     return count * p.clip * p.max_weight / 2 ** LEVELS_BITS
 
 
+def _shamir():
+    try:
+        from Crypto.Protocol.SecretSharing import Shamir
+    except ImportError:
+        from ..errors import UserError
+
+        raise UserError("secure aggregation needs pycryptodome: pip install 'splitlora[secagg]'") from None
+    return Shamir
+
+
 def _split(secret: bytes, k: int, n: int) -> list[bytes]:
     """Shamir shares of a 32-byte secret for holders 1..n (two 16-byte halves, pycryptodome)."""
-    from Crypto.Protocol.SecretSharing import Shamir
+    Shamir = _shamir()
 
     halves = [Shamir.split(k, n, secret[i:i + 16]) for i in (0, 16)]
     return [a + b for (_, a), (_, b) in zip(*halves)]
@@ -112,7 +122,7 @@ def _split(secret: bytes, k: int, n: int) -> list[bytes]:
 
 def _combine(shares: dict[int, bytes]) -> bytes:
     """The secret from ``{holder (1-based): share}`` (at least ``k`` of them)."""
-    from Crypto.Protocol.SecretSharing import Shamir
+    Shamir = _shamir()
 
     return b"".join(Shamir.combine([(x, s[i:i + 16]) for x, s in shares.items()]) for i in (0, 16))
 
@@ -355,6 +365,8 @@ def pack_unmasking(a: Unmasking) -> bytes:
 def unpack_unmasking(index: int, data: bytes) -> Unmasking:
     out = Unmasking(index)
     for key, share in unpack_blobs(data, 32).items():
+        if len(share) != 32:
+            raise SecAggError("an unmasking share must be 32 bytes")
         (out.s_shares if key % 2 else out.b_shares)[key // 2] = share
     return out
 

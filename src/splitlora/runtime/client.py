@@ -66,7 +66,12 @@ class ClientApp:
                           SecAgg: self._secagg}
         self._secure = None  # this round's SecAggClient
 
-    def _stream(self) -> BatchStream:
+    def _stream(self):
+        if self.cfg.privacy.dp_poisson:  # DP-SGD with amplification by subsampling (whole model only)
+            from ..privacy.dpsgd import PoissonStream
+
+            return PoissonStream(self.items, min(1.0, self.cfg.batch_size / len(self.items)), self.pad_id,
+                                 party_seed(self.cfg.seed, f"poisson:{self.index}"))
         return BatchStream(self.items, self.cfg.batch_size, self.pad_id, seed=(self.cfg.seed, self.index))
 
     # ---- the one entry point ----------------------------------------------------------------------
@@ -85,9 +90,10 @@ class ClientApp:
         return observe(self.hooks, Work(self.name, kind, step, shape, input_tokens=int(mask.sum()),
                                         samples=mask.shape[0]))
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_batch(self) -> dict[str, torch.Tensor] | None:
         self.batches += 1
-        return to_device(next(self.stream), self.device)
+        batch = next(self.stream)
+        return None if batch is None else to_device(batch, self.device)  # None: an empty Poisson batch
 
     # ---- split: bottom, tail ------------------------------------------------------------------------
     def _forward(self, cmd: Forward) -> Activations:
@@ -167,6 +173,10 @@ class ClientApp:
         if not self.whole:
             raise ProtocolError("LocalStep sent to a client that holds only its side of the cut")
         batch = self._next_batch()
+        if batch is None:  # Poisson sampling drew no record: the step is noise alone (and still counts)
+            self.dp.privatise(self.cfg.batch_size)
+            self._optimizer_step()
+            return StepDone(cmd.step, 0.0, 0)
         with self._observe("whole", cmd.step, tuple(batch["input_ids"].shape), batch):
             self.part.train()
             if self.dp is None:
@@ -176,7 +186,7 @@ class ClientApp:
                 logits = self.part(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 losses, _ = per_example_losses(logits, batch["labels"])
                 losses.sum().backward()
-                self.dp.privatise()
+                self.dp.privatise(self.cfg.batch_size if self.cfg.privacy.dp_poisson else None)
                 loss = ForCausalLMLoss(logits.detach(), batch["labels"], logits.shape[-1])  # reported as without DP
             self._optimizer_step()
         return StepDone(cmd.step, float(loss.detach()), int((batch["labels"][:, 1:] != IGNORE).sum()))
@@ -197,7 +207,10 @@ class ClientApp:
 
         try:
             if cmd.stage == "keys":
-                self._secure = secagg.SecAggClient(self.index, secagg.unpack_params(cmd.data))
+                params = secagg.unpack_params(cmd.data)
+                if params.round != cmd.round or self.index not in params.clients:
+                    raise secagg.SecAggError("round parameters for another round or without this client")
+                self._secure = secagg.SecAggClient(self.index, params)
                 out = self._secure.advertise()
                 data = out.c_public + out.s_public
             elif self._secure is None or self._secure.p.round != cmd.round:
