@@ -22,7 +22,7 @@ from transformers.utils import logging as transformers_logging
 from .algorithms import ALGORITHMS, Algorithm
 from .config import RayOptions, RunConfig
 from .data import prepare_data
-from .device import resolve_device, setup_torch
+from .device import resolve_device, retune_threads, setup_torch
 from .eval.loss import mean_loss
 from .models.loading import LoadedModel, load_model
 from .models.lora import add_lora, load_lora_state, save_adapter
@@ -126,6 +126,8 @@ def run_loop(cfg: RunConfig, algo: Algorithm, metrics: MetricsLog, *, totals: To
     try:
         while totals.step < cfg.steps:
             t = totals.step
+            if not cfg.threads:
+                retune_threads()  # --threads 0: follow the machine's load (a syscall: free)
             reason = stop() if stop is not None else None
             if reason and algo.consistent:
                 raise Stopped(reason)
