@@ -7,6 +7,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in every test process and the subprocesses it starts: the thread count can change the
+# last bits of a reduction, and tests compare adapters bit for bit across processes (--threads 0 adapts
+# to the machine's load, which differs from one process to the next).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 E2E_DIR = REPO.parent / "shared" / "data" / "e2e"

@@ -197,11 +197,13 @@ def test_eval_of_a_served_run_asks_for_the_data(tmp_path, capsys):
     assert "served run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("load,expected", [(0.0, 2), (0.6, 1), (1.7, 1), (9.0, 1)])
-def test_auto_threads_leave_busy_cores_alone(monkeypatch, load, expected):
+@pytest.mark.parametrize("load,running,expected", [(0.0, 0, 2), (0.6, 0, 1), (1.7, 0, 1), (9.0, 0, 1),
+                                                   (2.2, 2, 2), (4.1, 2, 1), (3.0, 1, 1), (1.1, 1, 2)])
+def test_auto_threads_leave_cores_that_others_use(monkeypatch, load, running, expected):
     from splitlora import device
 
     monkeypatch.setattr(device, "_TORCH_THREADS", 2)
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(device.os, "getloadavg", lambda: (load, load, load))
-    assert device.auto_threads() == expected
+    assert device.auto_threads(running) == expected
+

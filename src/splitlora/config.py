@@ -284,8 +284,9 @@ class RunConfig:
     log_every: int = option(1, "write a metrics row every N steps")
     eval_every: int = option(0, "validation loss every N steps (0: only at the end)", flag="--eval-every")
     save_every: int = option(0, "also save the adapter every N steps to DIR/adapters/step-N (0: only at the end)")
-    threads: int = option(0, "torch threads per process (0: the cores not already busy when the run starts, i.e. "
-                              "cores minus the 1-minute load average, at least 1)", flag="--threads")
+    threads: int = option(0, "torch threads per process (0: the cores that other work leaves free, i.e. cores "
+                              "minus the 1-minute load average, at least 1, looked at before every step; pin N "
+                              "for bit-for-bit reruns)", flag="--threads")
     # ---- precision and memory of each party (models/precision.py) ----
     dtype: str = option("fp32", "dtype of the frozen base weights and the compute of the clients (and of the "
                                 "whole model for fed/cen): fp32, bf16 or fp16 (fp16 with a loss scaler); LoRA "

@@ -34,20 +34,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def auto_threads() -> int:
-    """Torch threads for ``--threads 0``: the cores this process may use that are not already busy (the
-    1-minute load average), at least 1 and at most torch's default.
+def auto_threads(running: int = 0) -> int:
+    """Torch threads for ``--threads 0``: the cores this process may use that other work does not keep
+    busy (the 1-minute load average, less the ``running`` threads this process itself ran), at least 1
+    and at most torch's default.
 
-    With every core in use, a second thread only waits: each parallel op ends at a barrier that the
-    descheduled thread reaches late (on a 2-core machine shared with other jobs, 2 threads ran a demo
-    step several times slower than 1; docs/benchmarks.md, Threads). Idle, all cores are used.
+    With every core in use, a second thread only waits: each parallel op ends at a barrier that a
+    descheduled thread reaches late (a 2-core machine shared with other jobs ran a demo step 9x slower
+    on 2 threads than on 1; docs/benchmarks.md, Threads). The training loop asks again before every
+    step (:func:`retune_threads`), so load that arrives after the start is seen within about a minute.
+    A different count can change the last bits of some reductions (LayerNorm gradients): pin
+    ``--threads`` for bit-for-bit reruns.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         load = os.getloadavg()[0]
     except OSError:  # not available on this platform
         load = 0.0
-    return max(1, min(_TORCH_THREADS, round(cores - load)))
+    return max(1, min(_TORCH_THREADS, round(cores - max(0.0, load - running))))
+
+
+def retune_threads() -> int:
+    """Re-apply :func:`auto_threads` during a run (this process's own threads are not counted as load)."""
+    threads = auto_threads(running=torch.get_num_threads())
+    if threads != torch.get_num_threads():
+        log.info("torch threads: %d -> %d (load %.1f)", torch.get_num_threads(), threads, os.getloadavg()[0])
+        torch.set_num_threads(threads)
+    return threads
 
 
 def setup_torch(seed: int, threads: int = 0) -> int:

@@ -265,11 +265,13 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
         return evaluate_task(run, cfg, task, limit=limit, beams=beams, progress=progress,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, show=show)
     source = resolve_data(cfg.data, data, split)
-    evalset = None if source in ("synthetic", HELD_OUT) else csv_eval_set(source)  # bad data fails before the model loads
+    # a file is read now: bad data fails before the model loads
+    evalset = None if source in ("synthetic", HELD_OUT) else csv_eval_set(source)
     setup_torch(cfg.seed, cfg.threads)  # threads, seed, deterministic kernels
     model, tokenizer = load_adapted(run, cfg, progress)
     model.to(resolve_device(device or cfg.device))
-    evalset = (evalset or synthetic_eval_set(cfg, tokenizer, "synthetic" if source == "synthetic" else cfg.data)).head(limit)
+    held_out = "synthetic" if source == "synthetic" else cfg.data
+    evalset = (evalset or synthetic_eval_set(cfg, tokenizer, held_out)).head(limit)
 
     t0 = time.perf_counter()
     hyps = generate(model, tokenizer, [cfg.prompt_template.format(mr=mr) for mr in evalset.mrs], beams=beams,

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
+from ..device import retune_threads
 from ..privacy.accounting import dp_sgd_epsilons
 from .grid import Traffic
 from .metrics import MetricsLog
@@ -97,6 +98,8 @@ def run_loop(cfg: RunConfig, algo: Algorithm, metrics: MetricsLog, *, totals: To
     try:
         while totals.step < cfg.steps:
             t = totals.step
+            if not cfg.threads:
+                retune_threads()  # --threads 0: follow the machine's load (a syscall: free)
             reason = stop() if stop is not None else None
             if reason and algo.consistent:
                 raise Stopped(reason)
