@@ -84,31 +84,32 @@ def run_canary_audit(cfg: RunConfig, out_dir: str | Path, opts: CanaryOptions | 
     from ..data import prepare_data
     from ..device import resolve_device
     from ..models.loading import load_model
+    from ..models.precision import load_dtype
     from ..models.parts import SharedModel
     from ..privacy.accounting import dp_sgd_epsilons
     from ..runtime.client import ClientApp
-    from ..train import run_training
-    from ..transport.inprocess import InProcessGrid
+    from ..simulation.inprocess import InProcessGrid
+    from ..simulation.parties import run_training
 
     opts = opts or CanaryOptions()
     out = Path(out_dir)
     (out / "run").mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    source = SharedModel(loaded or load_model(cfg.model), cfg, device)
+    source = SharedModel(loaded or load_model(cfg.model, load_dtype(cfg)), cfg, device)
     tok = source.tokenizer
     data = prepare_data(cfg, tok)
     secrets = secrets_of(opts, opts.canaries, opts.seed)
     planted = [encode_secret(tok, opts.prefix, s, cfg.max_length) for s in secrets]
 
     algo_cls = ALGORITHMS[cfg.algorithm]
-    n = 1 if cfg.algorithm == "cen" else cfg.clients
+    n = algo_cls.parties(cfg)
     if not 0 <= opts.site < n:
         from ..errors import UserError
 
         raise UserError(f"canary site {opts.site} is not a client of this run (0..{n - 1})")
     apps = []
     for i in range(n):
-        items = list(data.train if cfg.algorithm == "cen" else data.client_items(i))
+        items = list(algo_cls.party_items(data, i))
         if i == opts.site:
             items += planted * opts.repeats
         part = source.lora_part("whole" if algo_cls.whole_clients else "client", device=device)
@@ -127,7 +128,7 @@ def run_canary_audit(cfg: RunConfig, out_dir: str | Path, opts: CanaryOptions | 
         rows.append({"canary": secret, "log_likelihood": score, "rank": rank, "exposure": exposure})
     epsilon = None
     if cfg.privacy.dp_sgd:
-        epsilon = dp_sgd_epsilons(cfg, grid.clients if cfg.algorithm != "cen" else grid.clients, cfg.steps)
+        epsilon = dp_sgd_epsilons(cfg, grid.clients, cfg.steps)
     result = {"config": {"algorithm": cfg.algorithm, "steps": cfg.steps, "dp_clip_norm": cfg.privacy.dp_clip_norm,
                          "dp_noise_multiplier": cfg.privacy.dp_noise_multiplier, "delta": cfg.privacy.delta},
               "options": asdict(opts), "epsilon_sites": epsilon, "canaries": rows,
