@@ -417,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes' CPU backend (imported by peft whenever it is installed) warns at import that it could not
+    # fetch an optional kernel from the hub; it computes with its own code then, and we run offline.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help()
         return 0
