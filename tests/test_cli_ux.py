@@ -207,3 +207,16 @@ def test_auto_threads_leave_cores_that_others_use(monkeypatch, load, running, ex
     monkeypatch.setattr(device.os, "getloadavg", lambda: (load, load, load))
     assert device.auto_threads(running) == expected
 
+
+
+def test_serve_refuses_a_non_empty_out_unless_resuming(tmp_path, capsys, no_loading):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice {'a' * 20}\n")
+    out = tmp_path / "served"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    argv = ["serve", "--token-file", str(tokens), "--clients", "1", "--model", "tiny-gpt2", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main([*argv, "--resume"]) == 2  # allowed past the check: it then finds no checkpoint
+    assert "checkpoint" in capsys.readouterr().err and (out / "metrics.jsonl").read_text() == "{}\n"

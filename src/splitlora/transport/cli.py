@@ -59,8 +59,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("client", help="join a `splitlora serve` run as one data owner")
     _add_option_flags(p, ClientOptions)
-    p.add_argument("--token-file", required=True, metavar="F", help="file holding this client's token")
-    p.add_argument("--tls-ca", metavar="CA", help=help_of(ClientOptions, "tls_ca"))
+    p.add_argument("--token-file", required=True, metavar="FILE", help="file holding this client's token")
+    p.add_argument("--tls-ca", metavar="PEM", help=help_of(ClientOptions, "tls_ca"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_client)
 
