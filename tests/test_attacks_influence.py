@@ -64,6 +64,7 @@ def test_fedavg_attack_is_bounded_by_one_honest_client(fed_yardstick, attack):
         assert all(e["capped"] == {"3": 1 << 40} for e in aggs)
 
 
+@pytest.mark.slow  # the fed tests above check the same aggregation; this one measures the split's client side
 def test_splitlora_fedavg_drift_is_bounded(tiny_gpt2):
     """splitlora (client side averaged): the same drift, measured on the averaged keys."""
     y = Yardstick(tiny_config(clients=4), tiny_gpt2, keys=client_side)
@@ -74,13 +75,14 @@ def test_splitlora_fedavg_drift_is_bounded(tiny_gpt2):
 
 
 # The robust rules, each at the attackers it tolerates (colluders send the same far-out update).
+# (the model-level runs of the last four are slow: test_robust_rule_ignores_a_far_upload checks each rule fast)
 ROBUST = [  # rule, clients, colluders (= its tolerated number at that count)
     ("fedavg", 5, 1),  # its guard holds up to (n-1)//2, but each attacker adds up to 1.5 honest clients
     ("median", 5, 2),
-    ("trimmed-mean", 5, 1),
-    ("krum", 5, 1),
-    ("multi-krum", 5, 1),
-    ("bulyan", 7, 1),
+    pytest.param("trimmed-mean", 5, 1, marks=pytest.mark.slow),
+    pytest.param("krum", 5, 1, marks=pytest.mark.slow),
+    pytest.param("multi-krum", 5, 1, marks=pytest.mark.slow),
+    pytest.param("bulyan", 7, 1, marks=pytest.mark.slow),
 ]
 
 
@@ -244,7 +246,7 @@ def test_an_average_that_is_not_finite_is_never_sent():
     assert out.state is None and "not finite" in out.refused
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batched"])
+@pytest.mark.parametrize("mode", ["sequential", pytest.param("batched", marks=pytest.mark.slow)])
 def test_two_part_activations_cannot_own_the_server_update(tiny_gpt2, mode):
     """Two-part split: activations scaled a million times (inside the value bound) reach the server's
     LoRA only through its blocks' layer norms and a cross-entropy it computes itself, so one client's
