@@ -1,6 +1,6 @@
 """Wall time and peak memory of loading, tokenising and partitioning a generated JSONL (docs/data.md).
 
-    python -m splitlora.data.measure --rows 1000000 --shape prompt-completion --dir /tmp/rows
+    python scripts/measure_data.py --rows 1000000 --shape prompt-completion --dir /tmp/rows
 
 One process per size (peak RSS is per process). The GPT-2 BPE tokenizer (fast), 10 sites
 partitioned with ``column:site``, ``val_fraction`` 0.05 of the distinct prompts.
@@ -59,9 +59,9 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", choices=("prompt-completion", "messages"), default="prompt-completion")
     ap.add_argument("--dir", default="/tmp/splitlora-measure")
     args = ap.parse_args(argv)
-    from ..config import RunConfig
-    from ..models.loading import gpt2_tokenizer
-    from . import prepare_data
+    from splitlora.config import RunConfig
+    from splitlora.models.loading import gpt2_tokenizer
+    from splitlora.data import prepare_data
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
