@@ -468,10 +468,10 @@ def test_busy_refusals_cost_the_honest_client_nothing(tmp_path, csvs, solo, late
 
 def capture_aggregations(monkeypatch) -> list:
     """Record what every aggregation of the run is given and what it returns."""
-    from splitlora.algorithms import base
+    from splitlora.registry import AGGREGATORS
 
     seen = []
-    real = base.robust_fedavg
+    real = AGGREGATORS["fedavg"]
 
     def recorded(uploads, current, rules, min_clients=1):
         out = real(uploads, current, rules, min_clients)
@@ -479,7 +479,7 @@ def capture_aggregations(monkeypatch) -> list:
                      {k: v.clone() for k, v in current.items()}, rules, out))
         return out
 
-    monkeypatch.setattr(base, "robust_fedavg", recorded)
+    monkeypatch.setitem(AGGREGATORS, "fedavg", recorded)
     return seen
 
 
