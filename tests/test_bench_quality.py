@@ -114,6 +114,11 @@ def test_schedule_gives_every_algorithm_the_same_budget():
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
+    from conftest import cli_in_process
+
+    def _bench(*args, timeout=None):  # in this process: a fresh interpreter per error costs seconds
+        return cli_in_process("bench", "quality", *args)
+
     proc = _bench("--quick", "--out", str(tmp_path / "out"), "--set", f"data_dir={tmp_path / 'nowhere'}", timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -18,32 +18,33 @@ The groups are ``splitlora.algorithms``, ``splitlora.aggregators``, ``splitlora.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 from importlib.metadata import entry_points
 from typing import Any, Iterator
 
 from .errors import UserError
 
 
-class Registry(Mapping):
-    """``name -> object``; built-ins and entry points are imported when first looked up."""
+class Registry(MutableMapping):
+    """``name -> object``; built-ins and entry points are imported when first looked up.
+
+    Names keep their order (built-ins, then entry points and registrations as they come);
+    ``registry[name] = obj`` replaces an entry (``monkeypatch.setitem`` in tests), ``del`` removes one.
+    """
 
     def __init__(self, kind: str, group: str, builtins: dict[str, str]):
         self.kind, self.group = kind, group
-        self._specs: dict[str, str] = dict(builtins)  # name -> "module:attribute", not imported yet
-        self._objects: dict[str, Any] = {}
-        self._scanned = False
+        self._entries: dict[str, tuple[bool, Any]] = {n: (False, spec) for n, spec in builtins.items()}
+        self._scanned = False  # (loaded?, the object or its "module:attribute")
 
     def register(self, name: str, obj: Any, *, replace: bool = False) -> Any:
         if not replace and name in self:
             raise ValueError(f"{self.kind} {name!r} is already registered (pass replace=True to override it)")
-        self._specs.pop(name, None)
-        self._objects[name] = obj
+        self._entries[name] = (True, obj)
         return obj
 
     def unregister(self, name: str) -> None:
-        self._objects.pop(name, None)
-        self._specs.pop(name, None)
+        self._entries.pop(name, None)
 
     def check(self, name: str, where: str) -> None:
         """A one-line :class:`UserError` when ``name`` is unknown."""
@@ -55,37 +56,40 @@ class Registry(Mapping):
             return
         self._scanned = True
         for ep in entry_points(group=self.group):
-            if ep.name not in self._objects:
-                self._specs.setdefault(ep.name, ep.value)
+            self._entries.setdefault(ep.name, (False, ep.value))
 
     def __getitem__(self, name: str) -> Any:
-        if name in self._objects:
-            return self._objects[name]
         self._scan()
-        spec = self._specs.get(name)
-        if spec is None:
-            raise KeyError(name)
-        module, _, attribute = spec.partition(":")
+        loaded, value = self._entries[name]
+        if loaded:
+            return value
+        module, _, attribute = value.partition(":")
         try:
             obj = importlib.import_module(module)
             for part in attribute.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as exc:
-            raise UserError(f"{self.kind} {name!r}: cannot load {spec} ({exc})") from None
-        del self._specs[name]
-        self._objects[name] = obj
+            raise UserError(f"{self.kind} {name!r}: cannot load {value} ({exc})") from None
+        self._entries[name] = (True, obj)
         return obj
+
+    def __setitem__(self, name: str, obj: Any) -> None:
+        self.register(name, obj, replace=True)
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         self._scan()
-        return name in self._objects or name in self._specs
+        return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         self._scan()
-        return iter([*self._objects, *(n for n in self._specs if n not in self._objects)])
+        return iter(list(self._entries))
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        self._scan()
+        return len(self._entries)
 
 
 ALGORITHMS = Registry("algorithm", "splitlora.algorithms", {
