@@ -43,7 +43,7 @@ def main() -> None:
 
     from splitlora.cli import build_parser, resolve_config, _register_optional
     from splitlora.device import setup_torch
-    from splitlora.train import build_simulation
+    from splitlora.simulation.run import build_simulation
 
     _register_optional()
     args = build_parser().parse_args(["train", *train_args])

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     from splitlora.data.e2e import read_e2e_csv
     from splitlora.eval.generate import evaluate_run
     from splitlora.eval.metrics import load_e2e_references, score_corpus
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

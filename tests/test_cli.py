@@ -45,7 +45,7 @@ def test_cut_layer_out_of_range(tmp_path):
 def test_csv_without_columns(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("meaning,sentence\na,b\n")  # (a `text` column is a valid row shape now)
-    assert_user_error(run_cli("train", *FAST, "--data", str(bad), "--out", str(tmp_path)), "'mr' and 'ref'")
+    assert_user_error(run_cli("train", *FAST, "--data", str(bad), "--out", str(tmp_path / "o")), "'mr' and 'ref'")
 
 
 def test_empty_data_file(tmp_path):

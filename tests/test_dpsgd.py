@@ -184,7 +184,7 @@ def test_poisson_sampling_is_poisson_and_its_epsilon_is_the_accountants(tmp_path
     from splitlora.privacy.accounting import dp_sgd_epsilon, poisson_dp_sgd_epsilon
     from splitlora.privacy.dpsgd import PoissonStream
     from splitlora.runtime.metrics import read_metrics
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     items = [type("E", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]})() for _ in range(200)]
     stream = PoissonStream(items, 0.05, 0, seed=7)

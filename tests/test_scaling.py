@@ -182,7 +182,7 @@ def test_deployed_parties_in_their_dtypes_match_the_simulation(tmp_path, tiny_gp
     from test_deploy import adapter, deploy_config, max_abs_diff, write_client_csvs
 
     from splitlora.transport.loopback import run_loopback
-    from splitlora.train import train
+    from splitlora.simulation.run import train
 
     cfg = deploy_config(steps=3, clients=2, dtype="bf16", server_dtype="fp32", gradient_checkpointing=True)
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")

@@ -67,7 +67,7 @@ def evaluate_task(run: Path, cfg: RunConfig, data: str, *, limit: int | None, be
     from ..data import encode_rows, read_rows
     from ..data.encode import EncodedRows
     from ..device import resolve_device, setup_torch
-    from .generate import generate, load_adapted
+    from .decode import generate, load_adapted
 
     ds, source, shape, _ = read_rows(cfg, data)  # bad data fails before the model loads
     if limit is not None:
