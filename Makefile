@@ -1,11 +1,11 @@
-# Entry points: `make demo` (install + default job), `make test` (install + test suite) and `make test-all`
-# (also the slow process-level tests: what CI runs).
+# Entry points: `make demo` (install + default job) and `make test` (install + test suite); `make test-slow`
+# runs the slow process-level tests alone, `make test-all` both (CI runs `make test`, then `make test-slow`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-slow test-all bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist 
 
 test: install
 	$(PYTEST) -m "not slow"
+
+test-slow: install
+	$(PYTEST) -m slow
 
 test-all: install
 	$(PYTEST)
