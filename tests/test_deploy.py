@@ -154,16 +154,7 @@ def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, mon
     uint8 attention mask) only, never labels or token ids; and the adapter is the simulation's
     (`sl`: the hand-over carries the client's bottom and tail)."""
     from splitlora.simulation.run import train
-    from splitlora.transport.sessions import GrpcGrid
-
-    received = []
-    real = GrpcGrid.exchange
-
-    def exchange(self, name, msg, wire_bytes, active):
-        received.append(pb.ClientMessage.FromString(msg.SerializeToString()))
-        return real(self, name, msg, wire_bytes, active)
-
-    monkeypatch.setattr(GrpcGrid, "exchange", exchange)
+    received = record_exchanges(monkeypatch)
     cfg = deploy_config(algorithm=algorithm, clients=2, steps=4, aggregate_every=2, split_shape="u-shape",
                         tail_layers=1, cut_layer=1)
     csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
@@ -179,6 +170,21 @@ def test_u_shape_server_never_receives_a_label_or_token(tmp_path, tiny_gpt2, mon
         assert kinds.count("handover") >= 1
 
     assert_no_label_or_token(received)
+
+
+def record_exchanges(monkeypatch) -> list:
+    """Every message the server's grid receives in the run, decoded again from its bytes."""
+    from splitlora.transport.sessions import GrpcGrid
+
+    received = []
+    real = GrpcGrid.exchange
+
+    def exchange(self, name, msg, wire_bytes, active):
+        received.append(pb.ClientMessage.FromString(msg.SerializeToString()))
+        return real(self, name, msg, wire_bytes, active)
+
+    monkeypatch.setattr(GrpcGrid, "exchange", exchange)
+    return received
 
 
 def assert_no_label_or_token(received) -> None:
@@ -204,16 +210,7 @@ def test_u_shape_conversational_jsonl_sends_no_label_or_token(tmp_path, tiny_gpt
     from test_user_data import CHAT, conv_rows, write_jsonl
     from splitlora.data import prepare_data
     from splitlora.simulation.run import train
-    from splitlora.transport.sessions import GrpcGrid
-
-    received = []
-    real = GrpcGrid.exchange
-
-    def exchange(self, name, msg, wire_bytes, active):
-        received.append(pb.ClientMessage.FromString(msg.SerializeToString()))
-        return real(self, name, msg, wire_bytes, active)
-
-    monkeypatch.setattr(GrpcGrid, "exchange", exchange)
+    received = record_exchanges(monkeypatch)
     path = write_jsonl(tmp_path / "chat.jsonl", conv_rows(12))
     cfg = deploy_config(clients=2, steps=3, aggregate_every=2, split_shape="u-shape", tail_layers=1, cut_layer=1,
                         data=str(path), max_length=96, data_format={"chat_template": CHAT})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .errors import OneLineParser, UserError, run_command
+from .errors import OneLineParser, UserError, positive_int, run_command
 
 DESCRIPTION = ("Split federated fine-tuning of Hugging Face causal LMs with LoRA (SplitLoRA and its "
                "baselines). Every run writes one standard PEFT adapter of the whole model.")
@@ -348,16 +348,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="splitlora", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"splitlora {__version__}")
@@ -372,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(p, "train")
     group = add_group(p, "evaluation")
     group.add_argument("--eval", action="store_true", help="run splitlora eval on the result")
-    group.add_argument("--eval-limit", type=_positive, default=None, metavar="N", help="with --eval: first N MRs only")
-    group.add_argument("--beams", type=_positive, default=10, metavar="N", help="with --eval: beam size (1 = greedy)")
+    group.add_argument("--eval-limit", type=positive_int, default=None, metavar="N", help="with --eval: first N MRs only")
+    group.add_argument("--beams", type=positive_int, default=10, metavar="N", help="with --eval: beam size (1 = greedy)")
     _add_backend_flags(p)
     p.set_defaults(func=cmd_train)
 

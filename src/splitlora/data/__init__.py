@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +14,7 @@ from ..errors import UserError
 from .batching import Encoded, encode_all, encode_labelled
 from .chat import chat_template_of
 from .e2e import Example, load_e2e, synthetic_e2e
-from .encode import KEY, EncodedRows, encode_dataset
+from .encode import KEY, ArrowRows, EncodedRows, encode_dataset
 from .partition import parse_partition, partition
 from .rows import data_files, detect_shape, is_saved_dataset, load_files, load_rows, quiet_datasets
 
@@ -40,19 +39,12 @@ class PreparedData:
         return [self.train[i] for i in indices]
 
 
-class _Examples(SequenceABC):
+class _Examples(ArrowRows):
     """E2E rows of a dataset as :class:`Example`, read on demand."""
 
-    def __init__(self, ds):
-        self.ds = ds.select_columns([KEY, "ref"])
+    columns = (KEY, "ref")
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.ds[int(i)]
+    def make(self, row: dict) -> Example:
         return Example(row[KEY], (row["ref"] or "").strip())
 
 

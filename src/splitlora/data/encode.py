@@ -86,12 +86,14 @@ def encode_dataset(ds, shape: str, tokenizer, *, prompt_template: str, chat: str
                   desc="tokenise", new_fingerprint=uuid.uuid4().hex)  # hashing the tokenizer costs seconds
 
 
-class EncodedRows(SequenceABC):
-    """A read-only sequence of :class:`Encoded` over an Arrow table (memory-mapped when the data came
-    from files): what the engine reads, without a Python list of every row."""
+class ArrowRows(SequenceABC):
+    """A read-only sequence over some columns of an Arrow table (memory-mapped when the data came from
+    files), each row made into an object on demand: no Python list of every row."""
+
+    columns: tuple[str, ...] = ()
 
     def __init__(self, ds):
-        self.ds = ds.select_columns(["input_ids", "labels"])
+        self.ds = ds.select_columns(list(self.columns))
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -99,7 +101,18 @@ class EncodedRows(SequenceABC):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.ds[int(i)]
+        return self.make(self.ds[int(i)])
+
+    def make(self, row: dict):
+        raise NotImplementedError
+
+
+class EncodedRows(ArrowRows):
+    """The :class:`Encoded` rows the engine reads."""
+
+    columns = ("input_ids", "labels")
+
+    def make(self, row: dict) -> Encoded:
         return Encoded(row["input_ids"], row["labels"])
 
     def subset(self, indices: Sequence[int]) -> "EncodedRows":

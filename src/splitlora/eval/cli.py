@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import positive_int
+
 EVAL_HELP = """\
 Decode one output per distinct MR with the run's base model and DIR/adapter (beam search, length
 penalty 0.8, no repeated 4-grams), then write DIR/predictions.txt (one line per MR, in order) and
@@ -32,16 +34,6 @@ assistant turn, through the chat template), DIR/predictions.jsonl gets {prompt, 
 prediction} per row before scoring, and DIR/eval.json holds loss and perplexity of the references,
 sacreBLEU, ROUGE-L F1 and exact match.
 """
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -78,10 +70,10 @@ def register(sub) -> None:
                         "a folder) (default: the run's data)")
     p.add_argument("--split", default="test", choices=("test", "dev"),
                    help="with a data folder: test = testset_w_refs.csv, dev = devset.csv (default: test)")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="first N distinct MRs (or rows) only")
-    p.add_argument("--beams", type=_positive, default=10, help="beam size, 1 = greedy (default: 10)")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, help="output length cap (default: 64)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="MRs decoded together (default: 8)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="first N distinct MRs (or rows) only")
+    p.add_argument("--beams", type=positive_int, default=10, help="beam size, 1 = greedy (default: 10)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="output length cap (default: 64)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded together (default: 8)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's device)")
     p.add_argument("--perplexity", action="store_true",
                    help="also the perplexity of every reference row (off by default: ~3x the greedy decoding time)")
