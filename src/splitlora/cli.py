@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     # bitsandbytes' CPU backend (imported by peft whenever it is installed) warns at import that it could not
     # fetch an optional kernel from the hub; it computes with its own code then, and we run offline.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help()
         return 0
