@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--test-mrs", type=int, default=50)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores other work leaves free)")
     args = ap.parse_args(argv)
     from splitlora.config import RunConfig
     from splitlora.data.e2e import read_e2e_csv
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
                                               {"role": "assistant", "content": group[0]}]}) + "\n")
     common = dict(model=args.model, steps=args.steps, max_length=128, lr=1e-3, warmup_steps=6, val_fraction=0.01,
                   client_lora={"rank": 4, "alpha": 32.0, "dropout": 0.1},
-                  server_lora={"rank": 4, "alpha": 32.0, "dropout": 0.1}, threads=1)
+                  server_lora={"rank": 4, "alpha": 32.0, "dropout": 0.1}, threads=args.threads)
     algos = {"splitlora": dict(algorithm="splitlora", clients=2, batch_size=4, aggregate_every=5),
              "cen": dict(algorithm="cen", clients=2, batch_size=8)}
     results = []
