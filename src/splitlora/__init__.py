@@ -35,7 +35,7 @@ _EXPORTS = {
     "CentralisedLoRA": "algorithms.cen",
     "Grid": "runtime.grid", "ClientInfo": "runtime.grid", "ask_all": "runtime.grid", "gather": "runtime.grid",
     "ClientApp": "runtime.client", "Averaged": "runtime.aggregator", "fedavg": "runtime.aggregator",
-    "robust_fedavg": "runtime.aggregator", "Protector": "privacy.defences", "Architecture": "models.split",
+    "Aggregator": "runtime.aggregator", "Protector": "privacy.defences", "Architecture": "models.split",
     # the messages that cross between parties
     **{name: "messages" for name in ("Forward", "Backward", "Tail", "LocalStep", "Upload", "Load", "HandOut",
                                      "Handover", "HandIn", "Sync", "Finish", "Activations", "TailGrad", "StepDone",

@@ -15,7 +15,8 @@ from .batching import Encoded, encode_all, encode_labelled
 from .chat import chat_template_of
 from .e2e import Example, load_e2e, synthetic_e2e
 from .encode import KEY, ArrowRows, EncodedRows, encode_dataset
-from .partition import parse_partition, partition
+from ..config import parse_columns, parse_partition
+from .partition import partition
 from .rows import data_files, detect_shape, is_saved_dataset, load_files, load_rows, quiet_datasets
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def read_rows(cfg: RunConfig, spec: str, per_file: bool = False):
         with quiet_datasets():
             parts = [load_files([f], str(f)) for f in files]
             ds = datasets.concatenate_datasets(parts)
-        from .rows import parse_columns, rename_columns
+        from .rows import rename_columns
 
         ds, source = rename_columns(ds, parse_columns(cfg.data_format.columns), str(path)), str(path)
         sizes = [(f.stem, len(p)) for f, p in zip(files, parts)]

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..config import parse_partition  # noqa: F401  (checked with the config, before torch loads)
+from ..config import parse_partition
 from ..errors import UserError
 
 

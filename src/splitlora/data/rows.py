@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import ROW_FIELDS as FIELDS, parse_columns  # noqa: F401  (checked with the config, before torch loads)
+from ..config import parse_columns
 from ..errors import UserError
 
 log = logging.getLogger(__name__)

@@ -295,8 +295,3 @@ def make_aggregator(rules: Aggregation, rule=None) -> Aggregator:
     if isinstance(rule, type) and issubclass(rule, Aggregator):
         return rule(rules)
     return FunctionRule(rules, rule)
-
-
-def robust_fedavg(uploads, current, rules: Aggregation, min_clients: int = 1) -> Averaged:
-    """One round of ``rules`` without memory of earlier rounds (no norm-growth cap)."""
-    return make_aggregator(rules)(uploads, current, min_clients)
