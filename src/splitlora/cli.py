@@ -1,25 +1,24 @@
 """Command line: ``splitlora train | eval | score | serve | client | audit | bench``.
 
 Bad input is a one-line ``error: ...`` on stderr and exit code 2, never a traceback. Every flag of a
-config field is generated from its dataclass field (``config.option``): help text, default, choices,
-and the ``--help`` section it is listed in.
+config field is generated from its dataclass field (``config.option``) by :mod:`splitlora.flags`: help
+text, default, choices, and the ``--help`` section it is listed in.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import re
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
 from .errors import OneLineParser, UserError, positive_int, run_command
+from .flags import GROUP_ORDER, Flag, add_flags, add_group, dataclass_flags, given, metavar
 
 DESCRIPTION = ("Split federated fine-tuning of Hugging Face causal LMs with LoRA (SplitLoRA and its "
                "baselines). Every run writes one standard PEFT adapter of the whole model.")
@@ -46,26 +45,6 @@ examples:
 --set KEY=VALUE: a number, true/false, null or [a, b] is read as such; any other value is the string
 typed, with \\n and \\t read as newline and tab (quote it, e.g. --set 'KEY="8"', to force a string)."""
 
-# The --help section of RunConfig's own fields (a field may also say ``option(..., group=)``; a field
-# of a nested dataclass goes to its class's section, CLASS_GROUPS). A field listed nowhere lands in
-# "other run options".
-RUN_GROUPS = {
-    "data": "data", "synthetic_examples": "data", "val_fraction": "data", "partition": "data",
-    "partition_key": "data", "max_length": "data", "prompt_template": "data",
-    "model": "model and split", "cut_layer": "model and split", "split_shape": "model and split",
-    "tail_layers": "model and split", "wire_dtype": "model and split", "device": "model and split",
-    "server_device_map": "model and split", "threads": "model and split", "dtype": "model and split",
-    "server_dtype": "model and split", "gradient_checkpointing": "model and split", "quantize": "model and split",
-    "server_quantize": "model and split", "clients_per_round": "algorithm",
-    "algorithm": "algorithm", "clients": "algorithm", "steps": "algorithm", "batch_size": "algorithm",
-    "lr": "algorithm", "weight_decay": "algorithm", "warmup_steps": "algorithm", "max_grad_norm": "algorithm",
-    "aggregate_every": "algorithm", "server_mode": "algorithm", "seed": "algorithm",
-    "log_every": "outputs", "eval_every": "outputs", "save_every": "outputs",
-}
-CLASS_GROUPS = {"DataFormat": "data", "LoraSide": "LoRA", "Privacy": "privacy", "Aggregation": "robust aggregation",
-                "RayOptions": "Ray (--backend ray)", "ServeOptions": "deployment", "ClientOptions": "deployment"}
-GROUP_ORDER = ("data", "model and split", "LoRA", "algorithm", "privacy", "robust aggregation", "outputs",
-               "evaluation", "deployment", "Ray (--backend ray)")
 # What `serve` does not take: the training data is the clients' (each passes its own --data).
 CLIENT_DATA_KEYS = ("data", "synthetic_examples", "partition", "partition_key", "data_format.val_data")
 # What a run writes into its folder (--overwrite removes these, and nothing else).
@@ -89,7 +68,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
     def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
-        return _metavar(action.option_strings[-1], action.type, None)
+        return metavar(action.option_strings[-1], action.type, None)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         """A one-line paragraph is wrapped; a paragraph of several lines (examples, tables) is kept as written."""
@@ -111,72 +90,12 @@ def _plain(text: str) -> str:
     return re.sub(r"``?([^`]+)``?", r"\1", text)
 
 
-@dataclasses.dataclass
-class Flag:
-    keys: tuple[str, ...]  # dotted config keys it sets (a LoraSide flag sets client_lora.X and server_lora.X)
-    type: type
-    help: str
-    default: object
-    group: str
-    choices: tuple | None
-
-
-def _field_type(cls, f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(cls)[f.name]
-    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-
-
 def config_flags() -> dict[str, Flag]:
-    """``--flag`` -> :class:`Flag` for every flagged field of :class:`~splitlora.config.RunConfig` and
-    of the dataclasses nested in it, found by walking the fields (a field added anywhere shows up)."""
+    """``--flag`` -> :class:`~splitlora.flags.Flag` of every flagged field of
+    :class:`~splitlora.config.RunConfig` and of the dataclasses nested in it."""
     from .config import RunConfig
 
-    out: dict[str, Flag] = {}
-
-    def walk(cls, prefix: str, group: str | None, nest_help: str) -> None:
-        for f in dataclasses.fields(cls):
-            typ = _field_type(cls, f)
-            if dataclasses.is_dataclass(typ):
-                walk(typ, f"{prefix}{f.name}.",
-                     f.metadata.get("group") or CLASS_GROUPS.get(typ.__name__) or f.name.replace("_", " "),
-                     f.metadata.get("help", ""))
-                continue
-            flag = f.metadata.get("flag")
-            if not flag:
-                continue
-            where = f.metadata.get("group") or group or RUN_GROUPS.get(f.name) or "other run options"
-            if flag in out:  # the same dataclass nested twice (both LoRA sides): one flag sets both
-                out[flag].keys += (prefix + f.name,)
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else None
-            out[flag] = Flag((prefix + f.name,), typ, f.metadata.get("help", ""), default, where,
-                             f.metadata.get("choices"))
-
-    walk(RunConfig, "", None, "")
-    return out
-
-
-def _metavar(flag: str, spec_type, choices) -> str:
-    """``{a,b}`` for choices, N for a whole number, X for a number, else the flag's last word."""
-    if choices:
-        return "{" + ",".join(map(str, choices)) + "}"
-    if spec_type is int or getattr(spec_type, "__name__", "") in ("_positive", "positive_int"):
-        return "N"
-    return "X" if spec_type is float else flag.lstrip("-").split("-")[-1].upper()
-
-
-def _groups(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
-    """The parser's sections by title, created on first use in GROUP_ORDER's order."""
-    if not hasattr(p, "_splitlora_groups"):
-        p._splitlora_groups = {}
-    return p._splitlora_groups
-
-
-def add_group(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
-    groups = _groups(p)
-    if title not in groups:
-        groups[title] = p.add_argument_group(title)
-    return groups[title]
+    return dataclass_flags(RunConfig)
 
 
 def _add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -190,17 +109,9 @@ def _add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ())
     add_group(p, "privacy").add_argument("--privacy", dest="privacy_preset", default=None, metavar="MODE",
                                          help=PRIVACY_HELP)
     flags = config_flags()
-    for title in (*GROUP_ORDER, *sorted({f.group for f in flags.values()} - set(GROUP_ORDER))):
-        for flag, spec in flags.items():
-            if spec.group != title or set(spec.keys) & set(exclude):
-                continue
-            both = " (both sides)" if len(spec.keys) > 1 else ""
-            text = spec.help.replace("%", "%%") + both
-            if spec.default is not None:
-                text += f" (default: {spec.default})"
-            kwargs = {"action": argparse.BooleanOptionalAction} if spec.type is bool else {"type": spec.type}
-            add_group(p, title).add_argument(flag, default=None, help=text,
-                                             metavar=_metavar(flag, spec.type, spec.choices), **kwargs)
+    order = (*GROUP_ORDER, *sorted({f.group for f in flags.values()} - set(GROUP_ORDER)))
+    kept = [f for f in flags.values() if not set(f.keys) & set(exclude)]
+    add_flags(p, sorted(kept, key=lambda f: order.index(f.group)), negatable=True)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -215,10 +126,7 @@ def resolve_config(args: argparse.Namespace):
 
         overrides.update(preset(args.privacy_preset))
     overrides.update(parse_set(args.set))
-    for flag, spec in config_flags().items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
-        if value is not None:
-            overrides.update({key: value for key in spec.keys})
+    overrides.update(given(args, config_flags()))
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -226,22 +134,14 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     """``--backend`` and the Ray flags, from :class:`~splitlora.config.RayOptions`."""
     from .config import RayOptions
 
-    group = add_group(p, CLASS_GROUPS["RayOptions"])
-    for f in dataclasses.fields(RayOptions):
-        if f.metadata.get("flag"):
-            typ = _field_type(RayOptions, f)
-            flag = f.metadata["flag"]
-            group.add_argument(flag, dest=f"ray_{f.name}", type=typ, default=f.default,
-                               help=f.metadata["help"].replace("%", "%%"),
-                               metavar=_metavar(flag, typ, f.metadata.get("choices")))
+    add_flags(p, dataclass_flags(RayOptions).values())
 
 
 def backend_options(args: argparse.Namespace, cfg):
     """The :class:`~splitlora.config.RayOptions` of ``args``, validated (Ray importable when asked for)."""
     from .config import RayOptions
 
-    opts = RayOptions(**{f.name: getattr(args, f"ray_{f.name}") for f in dataclasses.fields(RayOptions)
-                         if f.metadata.get("flag")}).validate(cfg)
+    opts = RayOptions(**given(args, dataclass_flags(RayOptions))).validate(cfg)
     if opts.ray:
         from .simulation.ray_backend import import_ray
 

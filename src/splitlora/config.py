@@ -653,29 +653,57 @@ def parse_value(text: str) -> Any:
     return _ESCAPES.sub(lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], text)
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """Parse ``--set key=value`` items (values: :func:`parse_value`)."""
-    out: dict[str, Any] = {}
+def split_set(items: list[str]) -> dict[str, str]:
+    """``--set key=value`` items as ``{key: value text}``."""
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise UserError(f"--set expects key=value (got {item!r})")
         key, value = item.split("=", 1)
-        out[key.strip()] = parse_value(value)
+        out[key.strip()] = value
     return out
 
 
-def build_dataclass(cls, raw: Any, prefix: str):
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items (values: :func:`parse_value`)."""
+    return {key: parse_value(value) for key, value in split_set(items).items()}
+
+
+# ---- from a mapping (YAML, --set) to a dataclass ------------------------------------------------
+# One converter for every dataclass a user fills in by name: the run config (YAML and train's --set) and
+# the benchmarks' and experiments' settings (their --set). A value may be the parsed one (YAML, parse_value)
+# or the text typed: each is converted to its field's type, and a bad key or value is one line naming it.
+
+def build_dataclass(cls, raw: Any, prefix: str = "", kind: str = "config key"):
+    """``cls`` from ``raw``, a mapping of its field names to values (nested dataclasses from nested
+    mappings). ``prefix`` names where ``raw`` sits (``"client_lora."``); ``kind`` what a key is called in
+    an error (``unknown config key 'client_lora.rnak'``)."""
     if not isinstance(raw, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    return cls(**_converted(cls, raw, prefix, kind))
+
+
+def replace_fields(obj, changes: dict[str, Any], prefix: str = "", kind: str = "setting"):
+    """``obj`` (a dataclass instance) with ``changes`` converted as :func:`build_dataclass` converts them;
+    lists may be typed comma-separated (``clients=1,4``; ``none``: an empty list)."""
+    return dataclasses.replace(obj, **_converted(type(obj), changes, prefix, kind))
+
+
+def _converted(cls, raw: dict[str, Any], prefix: str, kind: str) -> dict[str, Any]:
+    import difflib
+
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise UserError(f"unknown config key {prefix + unknown[0]!r}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, prefix + name)
-    return cls(**kwargs)
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {prefix + close[0]!r}?" if close else f"one of: {', '.join(known)}"
+        raise UserError(f"unknown {kind} {prefix + unknown[0]!r} ({hint})")
+    return {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+
+
+_NONE_TEXT = ("null", "none", "~")
+_BOOL_TEXT = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _coerce(hint, value, key: str):
@@ -684,26 +712,36 @@ def _coerce(hint, value, key: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
+        if value is None or (args[0] is not str and isinstance(value, str) and value.strip().lower() in _NONE_TEXT):
             return None
         return _coerce(args[0], value, key)
     if origin is list:
         (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            value = []
+        if isinstance(value, str):  # typed: comma-separated, "none" for an empty list
+            value = [] if value.strip().lower() in ("", "[]", *_NONE_TEXT) else \
+                [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise UserError(f"{key} must be a list (got {value!r})")
         return [_coerce(item, v, key) for v in value]
     if hint is bool:
+        if isinstance(value, str):
+            value = _BOOL_TEXT.get(value.strip().lower(), value)
         if not isinstance(value, bool):
             raise UserError(f"{key} must be true or false (got {value!r})")
         return value
     if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{key} must be an integer (got {value!r})")
         return value
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        if isinstance(value, str):  # typed, or YAML 1.1's reading of 1e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:

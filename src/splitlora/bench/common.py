@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
+from ..config import replace_fields
 from ..errors import UserError, require
 
 
@@ -48,60 +49,9 @@ def _format_value(value: Any) -> str:
 
 
 def apply_sets(settings, sets: dict[str, Any], where: str):
-    """Override fields of a settings dataclass from ``--set`` items.
-
-    Lists may be given comma-separated (``clients=1,4``); ``none`` is an empty list.
-    """
-    import typing
-
-    hints = typing.get_type_hints(type(settings))
-    known = {f.name for f in fields(settings)}
-    changes = {}
-    for key, value in sets.items():
-        if key not in known:
-            raise UserError(f"{where} has no setting {key!r} (settings: {', '.join(sorted(known))})")
-        changes[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return dataclasses.replace(settings, **changes)
-
-
-def _coerce(value: Any, hint, key: str) -> Any:
-    import typing
-
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [] if value.strip().lower() in ("", "none", "[]") else \
-                [v.strip() for v in value.split(",") if v.strip()]
-        elif value is None:
-            value = []
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, item, key) for v in value]
-    if isinstance(value, str) and hint in (int, float):
-        for parse in (int, float):
-            try:
-                value = parse(value.strip())
-                break
-            except ValueError:
-                pass
-    if isinstance(value, str) and hint is bool:
-        value = {"true": True, "false": False, "yes": True, "no": False}.get(value.strip().lower(), value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false (got {value!r})")
-        return value
-    if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key} must be a number (got {value!r})")
-        if hint is int and not float(value).is_integer():
-            raise UserError(f"{key} must be an integer (got {value!r})")
-        return hint(value)
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
-        if value in (None, "null", "none", "None"):
-            return None
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(value, args[0], key)
-    return str(value)
+    """``settings`` (a benchmark's settings dataclass) with its ``--set`` items applied, converted by the
+    config's converter (:func:`splitlora.config.replace_fields`; errors name ``where.KEY``)."""
+    return replace_fields(settings, sets, f"{where}.")
 
 
 def sets_for(sets: dict[str, Any], settings_cls) -> dict[str, Any]:

@@ -7,29 +7,12 @@ Their flags come from :class:`~splitlora.config.ServeOptions` and :class:`~split
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import ClientOptions, ServeOptions, help_of
 from ..errors import UserError
-
-
-def _add_option_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag")
-        if not flag or f.name in skip:
-            continue
-        typ = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-        if typ is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        from ..cli import _metavar
-
-        default = None if f.default is dataclasses.MISSING else f.default
-        p.add_argument(flag, type=typ, default=default, required=f.default is dataclasses.MISSING,
-                       help=f.metadata["help"], metavar=_metavar(flag, typ, f.metadata.get("choices")))
+from ..flags import add_flags, add_group, dataclass_flags, given
 
 
 SERVE_HELP = """\
@@ -41,14 +24,14 @@ the adapter to --out. See docs/deployment.md."""
 
 
 def register(sub) -> None:
-    from ..cli import CLIENT_DATA_KEYS, _add_config_flags, _add_output_flags, add_group
+    from ..cli import CLIENT_DATA_KEYS, _add_config_flags, _add_output_flags
 
     p = sub.add_parser("serve", help="run the algorithm's server side (main server and aggregator) over gRPC",
                        description=SERVE_HELP)
     _add_config_flags(p, exclude=CLIENT_DATA_KEYS)
     _add_output_flags(p, "serve", resume=True)
     group = add_group(p, "deployment")
-    _add_option_flags(group, ServeOptions)
+    add_flags(p, dataclass_flags(ServeOptions).values())
     group.add_argument("--token-file", required=True, metavar="FILE", help="one 'NAME TOKEN' line per client; the "
                                                                            "order fixes each client's index")
     group.add_argument("--tls-cert", metavar="PEM", help=help_of(ServeOptions, "tls_cert"))
@@ -58,7 +41,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="join a `splitlora serve` run as one data owner")
-    _add_option_flags(p, ClientOptions)
+    add_flags(p, dataclass_flags(ClientOptions).values(), sections=False)
     p.add_argument("--token-file", required=True, metavar="FILE", help="file holding this client's token")
     p.add_argument("--tls-ca", metavar="PEM", help=help_of(ClientOptions, "tls_ca"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,9 +68,8 @@ def _pem(path: str | None, flag: str) -> bytes | None:
 
 
 def _options(cls, args: argparse.Namespace, **extra):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.metadata.get("flag") and hasattr(args, f.name)}
-    return cls(**{**values, **extra})
+    """``cls`` from the flags given (the others keep their defaults) and ``extra``."""
+    return cls(**{**given(args, dataclass_flags(cls)), **extra})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -101,13 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.max_message_mb <= 0:
         raise UserError("--max-message-mb must be > 0")
-    out = prepare_out(args, "serve", resume=args.resume)
+    out = prepare_out(args, "serve", resume=bool(args.resume))
     opts = _options(ServeOptions, args, tokens=read_token_file(args.token_file),
-                    listen=_address(args.listen, "--listen"), tls_cert=_pem(args.tls_cert, "--tls-cert"),
+                    tls_cert=_pem(args.tls_cert, "--tls-cert"),
                     tls_key=_pem(args.tls_key, "--tls-key"), max_message_bytes=int(args.max_message_mb * (1 << 20)),
                     progress=not args.quiet)
+    opts = replace(opts, listen=_address(opts.listen, "--listen"))
     check_before_loading(cfg, data="synthetic")  # the data is the clients'
-    announce(out, resume=args.resume)
+    announce(out, resume=opts.resume)
     try:
         r = serve(cfg, opts, out)
     finally:
