@@ -1,4 +1,5 @@
-"""A quick smoke run of every benchmark (tiny-gpt2, a few steps) and the benchmark command line."""
+"""A quick smoke run of every benchmark and of the ttq experiment (tiny-gpt2, a few steps), and their
+command line."""
 
 import json
 import shlex
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("overhead", "scale", "memory", "wire", "ttq")
+BENCHMARKS = ("overhead", "scale", "memory", "wire")
+RUNS = (*(("bench", b) for b in BENCHMARKS), ("experiment", "ttq"))  # (command, name) of what the fixture ran
 
 
 def run(*args, timeout=600):
@@ -21,12 +23,14 @@ def quick_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = run("-m", "benchmarks", "all", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("-m", "splitlora.experiments", "ttq", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
 def test_every_benchmark_writes_json_markdown_and_a_plot(quick_out):
-    for name in BENCHMARKS:
+    for _, name in RUNS:
         payload = json.loads((quick_out / f"{name}.json").read_text())
         assert payload["benchmark"] == name and payload["quick"] is True
         assert payload["skipped"] is None, payload["skipped"]
@@ -46,13 +50,13 @@ def test_every_row_names_the_command_that_made_it(quick_out):
 
     _register_optional()
     parser = build_parser()
-    for name in BENCHMARKS:
+    for command, name in RUNS:
         payload = json.loads((quick_out / f"{name}.json").read_text())
         main_table = payload["tables"][0]
         for row in main_table["rows"]:
             argv = shlex.split(row["command"])
-            assert argv[:3] == ["splitlora", "bench", name] and "--quick" in argv
-            args = parser.parse_args(argv[1:])  # the command parses as a `splitlora bench` command line
+            assert argv[:3] == ["splitlora", command, name] and "--quick" in argv
+            args = parser.parse_args(argv[1:])  # the command parses as a `splitlora bench|experiment` command line
             assert args.name == name
 
 
@@ -124,25 +128,31 @@ def test_lean_loading_equals_the_engine_model():
 
 
 def test_settings_overrides():
-    from splitlora.bench import scale, ttq
+    from splitlora.bench import scale
     from splitlora.bench.common import apply_sets
     from splitlora.errors import UserError
+    from splitlora.experiments import ttq
 
     s = apply_sets(scale.Settings(), {"client_counts": "1,16", "steps": "3", "model": "tiny-gpt2"}, "scale")
     assert s.client_counts == [1, 16] and s.steps == 3 and s.model == "tiny-gpt2"
     assert apply_sets(scale.Settings(), {"client_counts": "none"}, "scale").client_counts == []
     t = apply_sets(ttq.Settings(), {"client_flops": "1e12", "algorithms": "cen,sl"}, "ttq")
     assert t.client_flops == 1e12 and t.algorithms == ["cen", "sl"] and t.latency().client_flops == 1e12
-    with pytest.raises(UserError, match="no setting"):
+    with pytest.raises(UserError, match="unknown setting 'scale.nope'"):
         apply_sets(scale.Settings(), {"nope": 1}, "scale")
-    with pytest.raises(UserError, match="integer"):
+    with pytest.raises(UserError, match="did you mean 'scale.steps'"):
+        apply_sets(scale.Settings(), {"stesp": 1}, "scale")
+    with pytest.raises(UserError, match="scale.steps must be an integer"):
         apply_sets(scale.Settings(), {"steps": "1.5"}, "scale")
+    with pytest.raises(UserError, match="ttq.client_flops must be a number"):
+        apply_sets(ttq.Settings(), {"client_flops": "fast"}, "ttq")
 
 
 @pytest.mark.parametrize("args,needle", [
     (["bench", "nope"], "invalid choice"),
     (["bench", "overhead", "--set", "nope=1"], "no benchmark"),
-    (["bench", "scale", "--set", "steps=x"], "must be a number"),
+    (["bench", "scale", "--set", "steps=x"], "scale.steps must be an integer"),
+    (["experiment", "ttq", "--set", "nope=1"], "no experiment"),
     (["bench", "overhead", "--device", "tpu"], "--device"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
@@ -162,4 +172,4 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
 
 def test_python_m_benchmarks_wrapper_shares_the_cli():
     proc = run("-m", "benchmarks", "--help", timeout=120)
-    assert proc.returncode == 0 and "overhead, scale, memory, wire, ttq" in proc.stdout
+    assert proc.returncode == 0 and "overhead, scale, memory, wire" in proc.stdout

@@ -59,7 +59,7 @@ def test_empty_data_file(tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     ("algorithm: splitlora\nrnak: 8\n", "unknown config key 'rnak'"),
-    ("client_lora:\n  rnak: 8\n", "unknown config key 'client_lora.rnak'"),
+    ("client_lora:\n  rnak: 8\n", "unknown config key 'client_lora.rnak' (did you mean 'client_lora.rank'?)"),
     ("steps: many\n", "steps must be an integer"),
     ("algorithm: magic\n", "algorithm must be one of"),
     ("partition: dirichlet:-1\n", "ALPHA > 0"),
@@ -69,6 +69,24 @@ def test_bad_config_file(tmp_path, content, needle):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(content)
     assert_user_error(run_cli("train", "-c", str(cfg), "--out", str(tmp_path / "o")), needle)
+
+
+def test_one_converter_reads_yaml_values_and_typed_text():
+    """The config file's values and the text of a --set (the benchmarks' and experiments' too) go
+    through one converter to the field's type."""
+    from splitlora.config import LoraSide, RunConfig, build_dataclass, replace_fields
+    from splitlora.errors import UserError
+
+    typed = build_dataclass(RunConfig, {"steps": "3", "lr": "1e-3", "privacy": {"dp_poisson": "yes"},
+                                        "client_lora": {"target_modules": "c_attn, c_proj"}})
+    assert typed.steps == 3 and typed.lr == 1e-3 and typed.privacy.dp_poisson is True
+    assert typed.client_lora.target_modules == ["c_attn", "c_proj"]
+    side = replace_fields(LoraSide(), {"rank": "4", "target_modules": "none"}, "client_lora.")
+    assert side.rank == 4 and side.target_modules is None
+    with pytest.raises(UserError, match=r"^client_lora.alpha must be a number \(got 'big'\)$"):
+        replace_fields(LoraSide(), {"alpha": "big"}, "client_lora.")
+    with pytest.raises(UserError, match=r"^unknown setting 'client_lora.rnak' \(did you mean 'client_lora.rank'\?\)$"):
+        replace_fields(LoraSide(), {"rnak": 4}, "client_lora.")
 
 
 def test_bad_flag_and_set(tmp_path):

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from splitlora.bench.latency import SCENARIOS, ClientWork, LatencyModel, StepTrace, time_to_target
+from splitlora.bench.trace import ClientWork, StepTrace
+from splitlora.experiments.latency import SCENARIOS, LatencyModel, time_to_target
 
 M = LatencyModel(client_flops=1e12, server_flops=10e12, uplink_bps=8e6, downlink_bps=16e6, message_latency_s=0.01)
 
@@ -31,12 +32,12 @@ def test_primitives():
 
 
 def test_cen_is_server_compute_only():
-    step = StepTrace("cen", server_whole_flops=5e12)
+    step = StepTrace("cen", server_whole_flops=5e12, pooled=True)
     assert M.step_time(step) == pytest.approx(0.5)
 
 
 def test_fed_is_slowest_client_plus_sync():
-    step = StepTrace("fed", [ClientWork(0, whole_flops=1e12), ClientWork(1, whole_flops=3e12)])
+    step = StepTrace("fed", [ClientWork(0, whole_flops=1e12), ClientWork(1, whole_flops=3e12)], whole_clients=True)
     assert M.step_time(step) == pytest.approx(3.0)
     step.sync_up_bytes = [1_000_000, 2_000_000]
     step.sync_down_bytes = [1_000_000, 1_000_000]
@@ -80,7 +81,7 @@ def test_monotone_in_every_constant():
 
 
 def test_run_time_and_cumulative():
-    steps = [StepTrace("cen", server_whole_flops=1e12), StepTrace("cen", server_whole_flops=3e12)]
+    steps = [StepTrace("cen", server_whole_flops=1e12, pooled=True), StepTrace("cen", server_whole_flops=3e12, pooled=True)]
     assert M.cumulative(steps) == pytest.approx([0.1, 0.4])
     assert M.run_time(steps) == pytest.approx(0.4)
 
@@ -92,9 +93,12 @@ def test_rejects_impossible_constants(field, value):
         LatencyModel(**{field: value})
 
 
-def test_unknown_algorithm():
-    with pytest.raises(ValueError, match="unknown algorithm"):
-        M.step_time(StepTrace("nope"))
+def test_the_layout_comes_from_the_trace_not_the_label():
+    """A step is timed by where its work ran (the trace's flags), whatever the algorithm is called."""
+    pooled = StepTrace("mine", server_whole_flops=5e12, pooled=True)
+    whole = StepTrace("mine", [ClientWork(0, whole_flops=1e12)], whole_clients=True)
+    assert M.step_time(pooled) == pytest.approx(0.5) and M.step_time(whole) == pytest.approx(1.0)
+    assert M.step_time(split_step("mine")) == M.step_time(split_step("splitlora")) > 0
 
 
 def test_time_to_target():
@@ -151,6 +155,7 @@ def test_split_flops_equal_whole_model_flops(tiny_gpt2):
         b.algo.step(0)
     ts, tc = split.tracer.end(), cen.tracer.end()
     assert tc.server_whole_flops > 0 and not tc.clients
+    assert tc.pooled and not tc.whole_clients and not ts.pooled and not ts.whole_clients  # from the Algorithm
     assert ts.client_flops + ts.server_flops == pytest.approx(tc.server_whole_flops, rel=0.01)
 
 
@@ -194,3 +199,13 @@ def test_u_shape_adds_one_round_trip_per_client_batch(tiny_gpt2):
     extra = m.step_time(tu) - m.step_time(t2)
     moved = m.down_s(cu.mid_down_bytes) + m.up_s(cu.mid_up_bytes) - 8.0 * (t2.clients[0].up_bytes - cu.up_bytes) / m.uplink_bps
     assert extra == pytest.approx(moved, rel=1e-6)
+
+
+def test_fed_is_traced_as_whole_model_clients(tiny_gpt2):
+    b = _built("fed", tiny_gpt2, clients=2, aggregate_every=1)
+    b.tracer.begin()
+    b.algo.step(0)
+    tr = b.tracer.end()
+    assert tr.whole_clients and not tr.pooled and len(tr.clients) == 2
+    assert all(c.whole_flops > 0 and c.up_bytes == c.down_bytes == 0 for c in tr.clients)
+    assert M.compute_time(tr) == pytest.approx(max(c.whole_flops for c in tr.clients) / M.client_flops)

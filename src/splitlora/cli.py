@@ -1,4 +1,4 @@
-"""Command line: ``splitlora train | eval | score | serve | client | audit | bench``.
+"""Command line: ``splitlora train | eval | score | serve | client | audit | bench | experiment``.
 
 Bad input is a one-line ``error: ...`` on stderr and exit code 2, never a traceback. Every flag of a
 config field is generated from its dataclass field (``config.option``) by :mod:`splitlora.flags`: help
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Other modules add their subcommands here (eval, score, serve, client, bench).
+# Other modules add their subcommands here (eval, score, serve, client, bench, experiment).
 _EXTRA_COMMANDS: list[Callable] = []
 
 
@@ -283,7 +283,7 @@ def _register_optional() -> None:
     import importlib
 
     for module in ("splitlora.eval.cli", "splitlora.transport.cli", "splitlora.privacy.cli", "splitlora.bench_cli",
-                   "splitlora.export_cli"):
+                   "splitlora.experiments.cli", "splitlora.export_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

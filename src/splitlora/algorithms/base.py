@@ -50,6 +50,7 @@ class Algorithm:
     # ---- the layout: which parties exist, what each holds, what crosses ----------------------------
     holds_server_part = True  # whether the server runs part of the model (fed: no)
     whole_clients = False  # whether clients hold the whole model (fed, cen)
+    pools_data = False  # one party trains on every client's rows (cen): the data was pooled where it runs
     sends_activations = True  # whether activations cross the cut (what the leakage audit attacks)
     every_client_steps = True  # every (sampled) client works at every step (sl: one client at a time)
     samples_clients = False  # honours ``clients_per_round`` (a seeded sample of clients per round)

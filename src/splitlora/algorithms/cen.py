@@ -12,6 +12,7 @@ from .fed import FedLoRA
 
 class CentralisedLoRA(FedLoRA):
     name = "cen"
+    pools_data = True
     samples_clients = False
     averages_clients = False
     not_deployable = "it is one party on pooled data, with nothing to send over a network"

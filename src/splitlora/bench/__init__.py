@@ -1,4 +1,4 @@
-"""Benchmarks: ``splitlora bench NAME`` (or ``python -m benchmarks NAME``).
+"""Benchmarks: ``splitlora bench NAME`` (or ``python -m benchmarks NAME``): what the framework costs.
 
 Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME*.png``; ``all`` also writes
 ``OUT/summary.md`` and ``OUT/summary.json``. Every table row carries the command that made it.
@@ -8,16 +8,14 @@ Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME*.png``; 
 ``scale``     throughput and peak memory for 1..16 simulated clients sharing the base weights
 ``memory``    peak memory of the client side alone vs the whole model, for several cut layers
 ``wire``      bytes per step at fp32/bf16/fp16; loopback gRPC deployment vs in-process throughput
-``ttq``       validation loss vs simulated wall time (latency model) for cen, fed, sl, splitlora
-``quality``   the paper's E2E table on real data: train all four, decode the 630 test MRs, score them
-``privacy``   what the server reconstructs (tokens, labels) per split and defence, beside its utility
 ``ray``       the Ray backend: throughput and cost per step vs in process for 1..8 client actors, memory per actor
 ``gpu``       one GPU, bf16: splitlora vs a plain PEFT loop (8B-shaped and SmolLM2), memory per party, cuda tests
 ``secagg``    secure aggregation: bytes and seconds of one round for 3 and 10 sites at the real adapter size
 =========== ===================================================================================
 
-``all`` runs the timing suite (the first five); ``quality`` is a long real-data run of its own
-(``splitlora bench quality``, about an hour on an idle 2-core CPU).
+``all`` runs the timing suite (the first four). The long experiments (quality on real data, privacy,
+time to quality) are ``splitlora experiment NAME`` (:mod:`splitlora.experiments`); they share this
+package's runner (:func:`run_suite`), options and result writer.
 """
 
 from __future__ import annotations
@@ -26,32 +24,50 @@ import importlib
 import json
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ..errors import UserError
 from .common import BenchResult, Options, check_device, log, machine_info, sets_for, write_result
 
-BENCHMARKS = ("overhead", "scale", "memory", "wire", "ttq")  # what ``all`` runs
-EXTRA = ("quality", "privacy", "ray", "gpu", "secagg")  # run only by name
+BENCHMARKS = ("overhead", "scale", "memory", "wire")  # what ``all`` runs
+EXTRA = ("ray", "gpu", "secagg")  # run only by name
 NAMES = (*BENCHMARKS, *EXTRA, "all")
 
 
-def _module(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
+@dataclass(frozen=True)
+class Suite:
+    """A family of runs started by name: each NAME is a module of ``package`` with ``Settings`` and ``run``."""
+
+    runner: str  # the splitlora command: bench or experiment
+    noun: str  # what one of them is called: benchmark or experiment
+    package: str
+    names: tuple[str, ...]  # what may be asked for ("all" among them: every one of ``everything``)
+    everything: tuple[str, ...] = ()
+
+    def module(self, name: str):
+        return importlib.import_module(f"{self.package}.{name}")
+
+
+BENCH = Suite("bench", "benchmark", __name__, NAMES, BENCHMARKS)
 
 
 def run_benchmarks(name: str, opts: Options) -> int:
-    """Run ``name`` (or every benchmark for ``all``); returns the exit code (1 if one crashed)."""
-    if name not in NAMES:
-        raise UserError(f"unknown benchmark {name!r} (choose from {', '.join(NAMES)})")
-    opts = replace(opts, device=check_device(opts.device))
-    names = list(BENCHMARKS) if name == "all" else [name]
-    per_bench = {n: sets_for(opts.sets, _module(n).Settings) for n in names}
+    """Run benchmark ``name`` (or every benchmark for ``all``); returns the exit code (1 if one crashed)."""
+    return run_suite(BENCH, name, opts)
+
+
+def run_suite(suite: Suite, name: str, opts: Options) -> int:
+    """Run ``name`` of ``suite`` (``all``: its ``everything``); returns the exit code (1 if one crashed)."""
+    if name not in suite.names:
+        raise UserError(f"unknown {suite.noun} {name!r} (choose from {', '.join(suite.names)})")
+    opts = replace(opts, device=check_device(opts.device), runner=suite.runner)
+    names = list(suite.everything) if name == "all" else [name]
+    per_bench = {n: sets_for(opts.sets, suite.module(n).Settings) for n in names}
     used = {k for s in per_bench.values() for k in s}
     unknown = sorted(set(opts.sets) - used)
     if unknown:
-        valid = sorted({f for n in names for f in _module(n).Settings.__dataclass_fields__})
-        raise UserError(f"no benchmark in {name!r} has a setting {unknown[0]!r} (settings: {', '.join(valid)})")
+        valid = sorted({f for n in names for f in suite.module(n).Settings.__dataclass_fields__})
+        raise UserError(f"no {suite.noun} in {name!r} has a setting {unknown[0]!r} (settings: {', '.join(valid)})")
     if opts.threads:
         import torch
 
@@ -61,14 +77,14 @@ def run_benchmarks(name: str, opts: Options) -> int:
     quiet_transformers()
     opts.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(opts.device)
-    log(f"benchmarks: {', '.join(names)} -> {opts.out} (device {opts.device}{', quick' if opts.quick else ''}; "
+    log(f"{suite.runner}: {', '.join(names)} -> {opts.out} (device {opts.device}{', quick' if opts.quick else ''}; "
         f"load average {machine.get('load_average')})")
     payloads, failed = [], False
     for n in names:
         bench_opts = replace(opts, sets=per_bench[n])
         t0 = time.perf_counter()
         try:
-            result = _module(n).run(bench_opts)
+            result = suite.module(n).run(bench_opts)
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as exc:  # one broken benchmark must not lose the others' results

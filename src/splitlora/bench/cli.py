@@ -1,45 +1,44 @@
-"""Argument parsing shared by ``splitlora bench`` and ``python -m benchmarks``."""
+"""Argument parsing shared by ``splitlora bench``, ``splitlora experiment`` and ``python -m benchmarks``."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from . import NAMES
+from ..flags import add_flags, dataclass_flags, given
+from . import BENCH, Suite
 from .common import Options
 
 DESCRIPTION = ("Run benchmarks; write OUT/NAME.json, OUT/NAME.md and PNG plots (all: also OUT/summary.md). "
-               "Benchmarks: overhead, scale, memory, wire, ttq, all (those five), and quality (the E2E table on real "
-               "data; not part of all).")
+               "Benchmarks: overhead, scale, memory, wire, all (those four), and ray, gpu, secagg. The long "
+               "experiments (quality, privacy, ttq) are splitlora experiment NAME.")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=NAMES, metavar="NAME", help=f"one of: {', '.join(NAMES)}")
-    p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--quick", action="store_true", help="tiny-gpt2 and a few steps: a smoke run (used by tests)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+def add_arguments(p: argparse.ArgumentParser, suite: Suite = BENCH, aliases: tuple[str, ...] = (),
+                  example: str = "models=gpt2-small --set clients=1,16") -> None:
+    """NAME (one of ``suite.names``; ``aliases`` are accepted too, unlisted), the :class:`Options` flags,
+    ``--set`` and ``--quiet``."""
+    p.add_argument("name", choices=(*suite.names, *aliases), metavar="NAME", help=f"one of: {', '.join(suite.names)}")
+    add_flags(p, dataclass_flags(Options).values(), sections=False)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a benchmark setting, e.g. --set models=gpt2-small --set clients=1,16 (repeatable)")
+                   help=f"override {'an' if suite.noun[0] in 'aeiou' else 'a'} {suite.noun} setting, e.g. --set "
+                        f"{example} (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--dry-run", action="store_true",
-                   help="gpu: the same code on the CPU on a tiny model, in seconds (--quick --device cpu)")
+    if suite is BENCH:
+        p.add_argument("--dry-run", action="store_true",
+                       help="gpu: the same code on the CPU on a tiny model, in seconds (--quick --device cpu)")
 
 
 def options(args: argparse.Namespace) -> Options:
+    from ..config import split_set
     from ..errors import UserError
 
-    sets = {}
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set expects key=value (got {item!r})")
-        key, value = item.split("=", 1)
-        sets[key.strip()] = value.strip()
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0 (got {args.threads})")
-    dry = getattr(args, "dry_run", False)
-    return Options(out=Path(args.out), device="cpu" if dry else args.device, quick=args.quick or dry,
-                   threads=args.threads, sets=sets, progress=not args.quiet)
+    opts = Options(**given(args, dataclass_flags(Options)),
+                   sets={key: value.strip() for key, value in split_set(args.set).items()}, progress=not args.quiet)
+    if opts.threads < 0:
+        raise UserError(f"--threads must be >= 0 (got {opts.threads})")
+    if getattr(args, "dry_run", False):
+        opts.device, opts.quick = "cpu", True
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:

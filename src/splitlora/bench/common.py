@@ -15,24 +15,25 @@ from pathlib import Path
 from typing import Any
 
 
-from ..config import replace_fields
+from ..config import option, replace_fields
 from ..errors import UserError, require
 
 
 @dataclass
 class Options:
-    """Command-line options shared by every benchmark."""
+    """Command-line options shared by every benchmark and experiment (the flagged fields are their flags)."""
 
-    out: Path = Path("bench-out")
-    device: str = "cpu"
-    quick: bool = False
-    threads: int = 0  # torch intra-op threads (0 = torch default)
+    out: Path = option(Path("bench-out"), "output folder", flag="--out")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto", flag="--device")
+    quick: bool = option(False, "tiny-gpt2 and a few steps: a smoke run (used by tests)", flag="--quick")
+    threads: int = option(0, "torch intra-op threads (default: torch's choice)", flag="--threads")
     sets: dict[str, Any] = field(default_factory=dict)  # --set overrides of a benchmark's settings
     progress: bool = True
+    runner: str = "bench"  # the splitlora command that runs it: bench or experiment
 
     def command(self, name: str, extra_sets: dict[str, Any] | None = None) -> str:
         """The command line that reruns ``name`` (restricted by ``extra_sets``) with these options."""
-        parts = ["splitlora", "bench", name, "--out", str(self.out), "--device", self.device]
+        parts = ["splitlora", self.runner, name, "--out", str(self.out), "--device", self.device]
         if self.quick:
             parts.append("--quick")
         if self.threads:

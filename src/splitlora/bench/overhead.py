@@ -20,6 +20,8 @@ from ..config import RunConfig
 from .common import BenchResult, Options, Table, Target, apply_sets, log, median, pyplot, save_figure, spread
 from .harness import build, loaded_model, synchronize
 
+PAIR = ("cen", "splitlora")  # the whole model on one party, and the split it is compared with
+
 NAME = "overhead"
 
 
@@ -56,7 +58,7 @@ def measure_model(model: str, s: Settings, opts: Options) -> dict:
     loaded = loaded_model(model, opts.device)
     total = s.warmup_steps + s.repeats * s.block_steps + 1
     built = {}
-    for algo in ("cen", "splitlora"):
+    for algo in PAIR:
         cfg = RunConfig(algorithm=algo, model=model, clients=1, batch_size=s.batch_size, max_length=s.max_length,
                         steps=total, aggregate_every=s.aggregate_every, threads=opts.threads,
                         device=opts.device).validate()
@@ -66,29 +68,30 @@ def measure_model(model: str, s: Settings, opts: Options) -> dict:
         _block(b, s.warmup_steps, 0, opts.device)
         t[algo] = s.warmup_steps
     blocks: dict[str, list[dict]] = {a: [] for a in built}
-    order = ("cen", "splitlora")
+    order = PAIR
     for r in range(s.repeats):
         for algo in (order if r % 2 == 0 else order[::-1]):  # ABBA
             blocks[algo].append(_block(built[algo], s.block_steps, t[algo], opts.device))
             t[algo] += s.block_steps
         if opts.progress:
-            log(f"[overhead] {model}: repeat {r + 1}/{s.repeats}: cen {blocks['cen'][-1]['tok_s']:.0f} tok/s, "
-                f"splitlora {blocks['splitlora'][-1]['tok_s']:.0f} tok/s")
-    paired = [sp["tok_s"] / c["tok_s"] for sp, c in zip(blocks["splitlora"], blocks["cen"])]
-    paired_cpu = [sp["tok_cpu_s"] / c["tok_cpu_s"] for sp, c in zip(blocks["splitlora"], blocks["cen"])
+            log(f"[overhead] {model}: repeat {r + 1}/{s.repeats}: "
+                + ", ".join(f"{a} {blocks[a][-1]['tok_s']:.0f} tok/s" for a in PAIR))
+    base, split = PAIR
+    paired = [sp["tok_s"] / c["tok_s"] for sp, c in zip(blocks[split], blocks[base])]
+    paired_cpu = [sp["tok_cpu_s"] / c["tok_cpu_s"] for sp, c in zip(blocks[split], blocks[base])
                   if sp["tok_cpu_s"] and c["tok_cpu_s"]]
     med = {a: median([b["tok_s"] for b in blocks[a]]) for a in blocks}
     med_cpu = {a: median([b["tok_cpu_s"] for b in blocks[a]]) for a in blocks}
     n_params = sum(p.numel() for p in loaded.model.parameters())
     del built
     return {
-        "model": model, "params_m": n_params / 1e6, "cen_tok_s": med["cen"], "splitlora_tok_s": med["splitlora"],
-        "ratio": med["splitlora"] / med["cen"], "paired_ratio": median(paired),
-        "ratio_cpu": (med_cpu["splitlora"] / med_cpu["cen"]) if med_cpu["cen"] and med_cpu["splitlora"] else None,
+        "model": model, "params_m": n_params / 1e6, f"{base}_tok_s": med[base], f"{split}_tok_s": med[split],
+        "ratio": med[split] / med[base], "paired_ratio": median(paired),
+        "ratio_cpu": (med_cpu[split] / med_cpu[base]) if med_cpu[base] and med_cpu[split] else None,
         "paired_ratio_cpu": median(paired_cpu),
-        "cen_spread": spread([b["tok_s"] for b in blocks["cen"]]),
-        "splitlora_spread": spread([b["tok_s"] for b in blocks["splitlora"]]),
-        "tokens_per_step": blocks["cen"][0]["tokens"] / s.block_steps,
+        f"{base}_spread": spread([b["tok_s"] for b in blocks[base]]),
+        f"{split}_spread": spread([b["tok_s"] for b in blocks[split]]),
+        "tokens_per_step": blocks[base][0]["tokens"] / s.block_steps,
         "blocks": blocks,
     }
 

@@ -36,7 +36,9 @@ def adapter_length(model: str, algorithm: str, cut_layer: int) -> int:
 
     cfg = RunConfig(model=model, algorithm=algorithm, cut_layer=cut_layer, clients=2).validate()
     source = LeanModel(model, cfg)
-    side = "whole" if algorithm == "fed" else "client"
+    from ..registry import ALGORITHMS
+
+    side = "whole" if ALGORITHMS[algorithm].whole_clients else "client"
     from ..models.lora import add_lora
 
     part = source.part(side)

@@ -4,19 +4,81 @@
   rows of the batches it trains on.
 * :class:`StepTracer` hooks every party's work (``runtime.hooks``) to count FLOPs
   (``torch.utils.flop_counter``) and observes the grid's messages to count bytes, and turns one
-  ``algo.step`` into a :class:`~splitlora.bench.latency.StepTrace`.
+  ``algo.step`` into a :class:`StepTrace`: what each party computed and what crossed, the input of
+  :mod:`splitlora.experiments.latency`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict, dataclass, field
 
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..messages import (LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, Activations, AdapterUpdate, Backward, HandIn, Handover,
                         Load, Tail, TailGrad)
 from ..runtime.hooks import Work
-from .latency import ClientWork, StepTrace
+
+
+@dataclass
+class ClientWork:
+    """What one client (or fed party) did in one step. FLOPs are counted, bytes are on the wire."""
+
+    client: int
+    fwd_flops: float = 0.0  # split: client forward to the cut
+    bwd_flops: float = 0.0  # split: client backward from the cut (and its optimiser step)
+    whole_flops: float = 0.0  # fed: the whole local step on the client
+    server_flops: float = 0.0  # split: the server's forward/backward for this client's batch (U: forward)
+    tail_flops: float = 0.0  # U-shape: the client's tail, loss and backward to h_(L-T)
+    server_bwd_flops: float = 0.0  # U-shape: the server's backward for this client's batch
+    up_bytes: int = 0  # split: activations, mask and labels
+    down_bytes: int = 0  # split: gradient at the cut
+    mid_down_bytes: int = 0  # U-shape: h_(L-T) down
+    mid_up_bytes: int = 0  # U-shape: dL/dh_(L-T) up
+
+
+@dataclass
+class StepTrace:
+    """One training step of one algorithm, as measured: where each piece of work ran and what crossed
+    (``experiments.latency`` turns it into simulated seconds)."""
+
+    algorithm: str  # a label
+    clients: list[ClientWork] = field(default_factory=list)
+    server_whole_flops: float = 0.0  # cen: the whole step, run by the server
+    sync_up_bytes: list[int] = field(default_factory=list)  # one entry per sending client
+    sync_down_bytes: list[int] = field(default_factory=list)  # one entry per receiving client
+    pooled: bool = False  # one party trained on everyone's rows (cen): the server ran the whole step
+    whole_clients: bool = False  # every client ran the whole model (fed): no cut, nothing crossed per step
+    batched_server: bool = False  # server_mode "batched": one server call for all clients
+    u_shape: bool = False  # the U-shaped split: a second round trip per client batch
+    samples: int = 0
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "StepTrace":
+        raw = dict(raw)
+        raw["clients"] = [ClientWork(**c) for c in raw.get("clients", [])]
+        return cls(**raw)
+
+    # totals, for tables
+    @property
+    def client_flops(self) -> float:
+        return sum(c.fwd_flops + c.bwd_flops + c.tail_flops + c.whole_flops for c in self.clients)
+
+    @property
+    def server_flops(self) -> float:
+        return self.server_whole_flops + sum(c.server_flops + c.server_bwd_flops for c in self.clients)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(c.up_bytes + c.mid_up_bytes for c in self.clients) + sum(self.sync_up_bytes)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(c.down_bytes + c.mid_down_bytes for c in self.clients) + sum(self.sync_down_bytes)
 
 
 def _parties(algo, grid):
@@ -92,9 +154,10 @@ class StepTracer:
         self._messages.clear()
 
     def end(self, samples: int = 0, tokens: int = 0) -> StepTrace:
-        name, cfg = self.algo.name, self.algo.cfg
-        step = StepTrace(algorithm=name, samples=samples, tokens=tokens,
-                         batched_server=(name == "splitlora" and cfg.server_mode == "batched"), u_shape=cfg.u_shape)
+        algo, cfg = self.algo, self.algo.cfg
+        step = StepTrace(algorithm=algo.name, samples=samples, tokens=tokens, pooled=algo.pools_data,
+                         whole_clients=algo.whole_clients and not algo.pools_data,
+                         batched_server=cfg.server_mode == "batched", u_shape=cfg.u_shape)
         work: dict[str, ClientWork] = {}
 
         def of(client: str) -> ClientWork:
@@ -108,7 +171,7 @@ class StepTracer:
                     else:
                         of(c).server_bwd_flops += flops / len(who)
             elif kind == "whole":
-                if name == "cen":
+                if algo.pools_data:
                     step.server_whole_flops += flops
                 else:
                     of(who[0]).whole_flops += flops
@@ -128,6 +191,6 @@ class StepTracer:
                 step.sync_up_bytes.append(nbytes)
             elif isinstance(msg, (Load, HandIn)) and nbytes:
                 step.sync_down_bytes.append(nbytes)
-        if name != "cen":
+        if not algo.pools_data:
             step.clients = [work[c] for c in sorted(work, key=lambda c: work[c].client)]
         return step

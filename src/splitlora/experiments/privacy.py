@@ -14,8 +14,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..bench.common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
 from ..errors import UserError
-from .common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
 
 NAME = "privacy"
 

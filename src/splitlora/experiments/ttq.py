@@ -3,7 +3,7 @@
 Every algorithm trains on the same E2E training data (devset; the clients' shares are an iid split
 of it, ``cen`` gets all of it) for the same number of training samples, and is validated on the same
 fixed set of test-set MRs. Per step, FLOPs of each party are counted on the real step
-(``torch.utils.flop_counter``) and bytes are traced on the link; :mod:`splitlora.bench.latency`
+(``torch.utils.flop_counter``) and bytes are traced on the link; :mod:`splitlora.experiments.latency`
 turns them into simulated seconds. Sample budget per step: ``clients x batch_size`` for
 ``splitlora`` and ``fed`` (every client steps), the same pooled batch for ``cen``, and ``batch_size``
 for ``sl`` (one client at a time, so it takes ``clients`` times as many steps).
@@ -19,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bench.common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
+from ..bench.harness import build, loaded_model
+from ..bench.trace import StepTrace
 from ..config import RunConfig
 from ..data import PreparedData
 from ..data.batching import encode_labelled
 from ..data.e2e import Example, read_e2e_csv, synthetic_e2e
 from ..data.partition import partition
+from ..registry import ALGORITHMS
 from ..simulation.run import Validator
-from .common import BenchResult, Options, Table, apply_sets, log, pyplot, save_figure
-from .harness import build, loaded_model
-from .latency import SCENARIOS, LatencyModel, StepTrace, time_to_target
+from .latency import SCENARIOS, LatencyModel, time_to_target
 
 NAME = "ttq"
 ALGOS = ("cen", "fed", "sl", "splitlora", "splitlora:u-shape")  # algorithm[:split shape]
@@ -72,7 +74,7 @@ def e2e_dir(setting: str) -> Path:
         return Path(setting)
     if os.environ.get("SPLITLORA_E2E_DIR"):
         return Path(os.environ["SPLITLORA_E2E_DIR"])
-    repo = Path(__file__).resolve().parents[3]  # src/splitlora/bench/ttq.py -> repository root
+    repo = Path(__file__).resolve().parents[3]  # src/splitlora/experiments/ttq.py -> repository root
     for candidate in (repo.parent / "shared" / "data" / "e2e", Path.cwd().parent / "shared" / "data" / "e2e"):
         if (candidate / "devset.csv").is_file():
             return candidate
@@ -113,18 +115,18 @@ def load_examples(s: Settings) -> tuple[list[Example], list[Example], str]:
 
 
 def _prepared(cfg: RunConfig, enc_train, enc_val, train_ex, val_ex) -> PreparedData:
-    n = 1 if cfg.algorithm == "cen" else cfg.clients
-    indices = partition(len(enc_train), n, cfg.partition, cfg.seed)
+    indices = partition(len(enc_train), ALGORITHMS[cfg.algorithm].parties(cfg), cfg.partition, cfg.seed)
     return PreparedData(train=enc_train, val=enc_val, client_indices=indices, train_examples=train_ex,
                         val_examples=val_ex)
 
 
 def _schedule(algo: str, s: Settings) -> tuple[int, int, int]:
     """(steps, eval every N steps, batch size of the config) for ``algo`` under the sample budget."""
-    per_step = s.batch_size if algo == "sl" else s.batch_size * s.clients
+    layout = ALGORITHMS[algo]
+    per_step = s.batch_size * s.clients if layout.every_client_steps else s.batch_size
     steps = max(math.ceil(s.samples / per_step), 1)
     every = max(round(s.eval_every_samples / per_step), 1)
-    batch = s.batch_size * s.clients if algo == "cen" else s.batch_size
+    batch = per_step if layout.pools_data else s.batch_size  # pooled data: all clients' rows in one batch
     return steps, every, batch
 
 

@@ -32,8 +32,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..bench.common import BenchResult, Options, Table, Target, apply_sets, log, pyplot, save_figure
 from ..errors import UserError
-from .common import BenchResult, Options, Table, Target, apply_sets, log, pyplot, save_figure
+from ..registry import ALGORITHMS
 
 NAME = "quality"
 ALGOS = ("cen", "splitlora", "fed", "sl")
@@ -111,14 +112,15 @@ def rounded_samples(s: Settings) -> int:
 
 
 def per_step(algo: str, s: Settings) -> int:
-    return s.batch_size if algo == "sl" else s.batch_size * s.clients
+    """Training samples one step of ``algo`` reads: every client's batch, or one client's when they take turns."""
+    return s.batch_size * s.clients if ALGORITHMS[algo].every_client_steps else s.batch_size
 
 
 def schedule(algo: str, s: Settings, samples: int) -> dict:
     """Steps, batch size, warm-up steps and snapshot interval of ``algo`` for ``samples`` samples."""
     n = per_step(algo, s)
     steps = samples // n
-    return {"steps": steps, "batch_size": s.batch_size * s.clients if algo == "cen" else s.batch_size,
+    return {"steps": steps, "batch_size": n if ALGORITHMS[algo].pools_data else s.batch_size,
             "per_step": n, "warmup_steps": round(s.warmup_samples / n),
             "save_every": steps // s.curve_points if s.curve_points > 1 else 0}
 
@@ -133,9 +135,10 @@ def rows_read(items: int, batch: int, batches: int) -> int:
 
 def samples_seen(algo: str, s: Settings, steps: int, batch: int, shares: list[int]) -> int:
     """Training rows that ``algo`` reads in ``steps`` steps, given its parties' shares of the data."""
-    if algo == "cen":
+    layout = ALGORITHMS[algo]
+    if layout.pools_data:
         return rows_read(sum(shares), batch, steps)
-    if algo == "sl":  # clients take turns of aggregate_every steps
+    if not layout.every_client_steps:  # clients take turns of aggregate_every steps (sl)
         turns = [0] * s.clients
         for t in range(steps):
             turns[(t // s.aggregate_every) % s.clients] += 1
@@ -388,8 +391,9 @@ def _report(s: Settings, opts: Options, rows, curves, timing, samples, folder, e
 
     # ---- notes: settings, the difference and its noise ------------------------------------
     means = {sp["algorithm"]: sp for sp in spreads}
-    if "cen" in means and "splitlora" in means and means["cen"]["bleu100"] is not None:
-        c, sl = (spread_of([r["bleu100"] for r in by_algo[a]]) for a in ("cen", "splitlora"))
+    reference, candidate = SEEDED
+    if reference in means and candidate in means and means[reference]["bleu100"] is not None:
+        c, sl = (spread_of([r["bleu100"] for r in by_algo[a]]) for a in SEEDED)
         diff = sl["mean"] - c["mean"]
         noise = (c["half_range"] or 0.0) + (sl["half_range"] or 0.0)
         if c["n"] < 2 or sl["n"] < 2:

@@ -12,12 +12,12 @@ The model (every constant is a field of :class:`LatencyModel`):
 * one message of ``n`` bytes takes ``message_latency_s + 8 n / uplink_bps`` seconds client -> server
   and ``message_latency_s + 8 n / downlink_bps`` back; every client has its own link, so messages of
   different clients overlap (the server's ingress is not the bottleneck);
-* a step follows the algorithm's schedule (:meth:`LatencyModel.step_time`):
+* a step follows the algorithm's layout, as its trace records it (:meth:`LatencyModel.step_time`):
 
-  - ``cen``: the server runs the whole step on pooled data: ``F_whole / server_flops``
+  - pooled data (``cen``): the server runs the whole step: ``F_whole / server_flops``
     (the data is assumed to be on the server already: the privacy-free upper bound);
-  - ``fed``: every client runs its whole-model step in parallel: ``max_i F_i / client_flops``;
-  - ``splitlora`` and ``sl``: per client ``i`` (all clients at once; ``sl`` has one per step)
+  - whole-model clients (``fed``): every client runs its step in parallel: ``max_i F_i / client_flops``;
+  - split (``splitlora`` and ``sl``): per client ``i`` (all clients at once; ``sl`` has one per step)
     ``fwd_i / client_flops``, the activations up, the server's part, the gradient down, then
     ``bwd_i / client_flops``. The server serves one client batch at a time, in client-id order
     (``server_mode: sequential``; with ``batched`` it waits for every client and runs once), so
@@ -36,65 +36,9 @@ describe an edge client with a few TFLOP/s of usable compute, one data-centre GP
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
-
-@dataclass
-class ClientWork:
-    """What one client (or fed party) did in one step. FLOPs are counted, bytes are on the wire."""
-
-    client: int
-    fwd_flops: float = 0.0  # split: client forward to the cut
-    bwd_flops: float = 0.0  # split: client backward from the cut (and its optimiser step)
-    whole_flops: float = 0.0  # fed: the whole local step on the client
-    server_flops: float = 0.0  # split: the server's forward/backward for this client's batch (U: forward)
-    tail_flops: float = 0.0  # U-shape: the client's tail, loss and backward to h_(L-T)
-    server_bwd_flops: float = 0.0  # U-shape: the server's backward for this client's batch
-    up_bytes: int = 0  # split: activations, mask and labels
-    down_bytes: int = 0  # split: gradient at the cut
-    mid_down_bytes: int = 0  # U-shape: h_(L-T) down
-    mid_up_bytes: int = 0  # U-shape: dL/dh_(L-T) up
-
-
-@dataclass
-class StepTrace:
-    """One training step of one algorithm, as measured (see ``splitlora.bench.trace``)."""
-
-    algorithm: str
-    clients: list[ClientWork] = field(default_factory=list)
-    server_whole_flops: float = 0.0  # cen: the whole step, run by the server
-    sync_up_bytes: list[int] = field(default_factory=list)  # one entry per sending client
-    sync_down_bytes: list[int] = field(default_factory=list)  # one entry per receiving client
-    batched_server: bool = False  # splitlora server_mode "batched": one server call for all clients
-    u_shape: bool = False  # the U-shaped split: a second round trip per client batch
-    samples: int = 0
-    tokens: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "StepTrace":
-        raw = dict(raw)
-        raw["clients"] = [ClientWork(**c) for c in raw.get("clients", [])]
-        return cls(**raw)
-
-    # totals, for tables
-    @property
-    def client_flops(self) -> float:
-        return sum(c.fwd_flops + c.bwd_flops + c.tail_flops + c.whole_flops for c in self.clients)
-
-    @property
-    def server_flops(self) -> float:
-        return self.server_whole_flops + sum(c.server_flops + c.server_bwd_flops for c in self.clients)
-
-    @property
-    def bytes_up(self) -> int:
-        return sum(c.up_bytes + c.mid_up_bytes for c in self.clients) + sum(self.sync_up_bytes)
-
-    @property
-    def bytes_down(self) -> int:
-        return sum(c.down_bytes + c.mid_down_bytes for c in self.clients) + sum(self.sync_down_bytes)
+from ..bench.trace import StepTrace
 
 
 @dataclass(frozen=True)
@@ -138,13 +82,11 @@ class LatencyModel:
     # ---- one step ------------------------------------------------------------------------------
     def compute_time(self, step: StepTrace) -> float:
         """The step without its synchronisation phase."""
-        if step.algorithm == "cen":
+        if step.pooled:
             return self.server_s(step.server_whole_flops)
-        if step.algorithm == "fed":
+        if step.whole_clients:
             return max((self.client_s(c.whole_flops) for c in step.clients), default=0.0)
-        if step.algorithm in ("splitlora", "sl"):
-            return self._split_time(step)
-        raise ValueError(f"unknown algorithm {step.algorithm!r}")
+        return self._split_time(step)
 
     def sync_time(self, step: StepTrace) -> float:
         up = max((self.up_s(b) for b in step.sync_up_bytes if b > 0), default=0.0)
