@@ -52,7 +52,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None 
     """A dataclass field with its help text (and command-line flag) attached.
 
     ``group``: the section of ``--help`` the flag is listed in (default: the one of its dataclass;
-    RunConfig's own fields: see ``splitlora.cli.RUN_GROUPS``). ``choices``: the allowed values, shown
+    RunConfig's own fields: see ``splitlora.flags.RUN_GROUPS``). ``choices``: the allowed values, shown
     in ``--help`` (``validate`` enforces them).
     """
     meta = {"help": help, **({"flag": flag} if flag else {}), **({"group": group} if group else {}),
