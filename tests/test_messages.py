@@ -321,7 +321,9 @@ def _probe_proto():
             [("step", F.TYPE_INT64, ""), ("hidden", F.TYPE_MESSAGE, ".splitlora.v2.Tensor"),
              ("temperature", F.TYPE_DOUBLE, ""), ("state", F.TYPE_MESSAGE, ".splitlora.v2.State"),
              ("note", F.TYPE_STRING, "")], 1):
-        m.field.add(name=name, number=number, type=type_, label=F.LABEL_OPTIONAL, **({"type_name": type_name} if type_name else {}))
+        field = m.field.add(name=name, number=number, type=type_, label=F.LABEL_OPTIONAL)
+        if type_name:
+            field.type_name = type_name
     pool.AddSerializedFile(fdp.SerializeToString())
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("probe.ProbeMsg"))
 

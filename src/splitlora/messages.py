@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import MISSING, dataclass, fields
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
 
@@ -71,6 +71,8 @@ HELLO = "hello"  # what the client announced in its Hello
 
 @dataclass(frozen=True)
 class Kind:
+    """How a field travels and what bounds it: the kinds below, each checked by transport/wire.py."""
+
     def nbytes(self, value, wire_dtype: torch.dtype) -> int:
         """Payload bytes of ``value`` on the wire (numbers and text are framing, not counted)."""
         return 0
@@ -117,37 +119,40 @@ class Choice(Kind):
 
 
 @dataclass(frozen=True)
-class Hidden(Kind):
+class BatchTensor(Kind):
+    """A tensor of one batch (the kinds below)."""
+
+    dtype: ClassVar[torch.dtype | None] = None  # on the wire (None: the run's wire dtype)
+
+    def nbytes(self, value, wire_dtype):
+        return value.numel() * (self.dtype or wire_dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Hidden(BatchTensor):
     """(B, T, H) activations or gradients in the wire dtype: B and T within the config's batch, H the
     model's, finite and within the value bound; received as float32. ``same_batch``: exactly the shape
     of the batch the exchange is about (the client's open batch; the command's ``hidden``)."""
 
     same_batch: bool = False
 
-    def nbytes(self, value, wire_dtype):
-        return value.numel() * wire_dtype.itemsize
-
 
 @dataclass(frozen=True)
-class Mask(Kind):
+class Mask(BatchTensor):
     """(B, T) attention mask of field ``like``'s batch, uint8 on the wire: 0 or 1, right-padded, each
     row starting with a real token."""
 
     like: str
-
-    def nbytes(self, value, wire_dtype):
-        return value.numel() * MASK_WIRE_DTYPE.itemsize
+    dtype: ClassVar[torch.dtype] = MASK_WIRE_DTYPE
 
 
 @dataclass(frozen=True)
-class Labels(Kind):
+class Labels(BatchTensor):
     """(B, T) labels of field ``like``'s batch, int32 on the wire: -100 or a token id, at least one
     loss token. Sent in the two-part split only (the U-shape keeps labels on the client)."""
 
     like: str
-
-    def nbytes(self, value, wire_dtype):
-        return value.numel() * LABEL_WIRE_DTYPE.itemsize
+    dtype: ClassVar[torch.dtype] = LABEL_WIRE_DTYPE
 
 
 @dataclass(frozen=True)
@@ -394,10 +399,10 @@ def payload_nbytes(msg, wire_dtype: torch.dtype) -> int:
 def wire_precision(msg, wire_dtype: torch.dtype):
     """``msg`` with its activation/gradient tensors rounded through ``wire_dtype`` (what the receiver
     of a network message gets), so that simulation computes with deployment's precision."""
-    changes = {name: t.to(wire_dtype).to(t.dtype) for name, kind in kinds(msg).items()
-               if isinstance(kind, Hidden) and isinstance(t := getattr(msg, name), torch.Tensor) and t.dtype != wire_dtype}
+    changes = {name: t.to(wire_dtype).to(t.dtype) for name, kind in kinds(msg).items() if isinstance(kind, Hidden)
+               and isinstance(t := getattr(msg, name), torch.Tensor) and t.dtype != wire_dtype}
     return dataclasses.replace(msg, **changes) if changes else msg
 
 
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "dataclass", "dataclasses", "fields",
-                                                                    "torch", "Union", "MISSING")]
+                                                                    "torch", "ClassVar", "Union", "MISSING")]

@@ -20,9 +20,9 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from ..data.batching import IGNORE
-from ..messages import (ASKED, COMMANDS, HELLO, LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, REPLIES, REPLY_OF,
-                        SECAGG_MAX_BYTES, STATE_WIRE_DTYPE, WIRE_DTYPES, Choice, Count, FirstMoments, Flag, Hidden,
-                        Kind, Labels, Mask, Nested, Real, SecAggData, SecondMoments, State, Text, kinds)
+from ..messages import (ASKED, COMMANDS, HELLO, LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, REPLIES, REPLY_OF, SECAGG_MAX_BYTES,
+                        STATE_WIRE_DTYPE, WIRE_DTYPES, BatchTensor, Choice, Count, FirstMoments, Flag, Hidden, Kind,
+                        Labels, Mask, Nested, Real, SecAggData, SecondMoments, State, Text, kinds)
 from ..runtime.optim import BETAS
 from . import splitlora_pb2 as pb
 
@@ -153,24 +153,6 @@ class Limits:
         return b * t * (self.hidden_size * self.dtype.itemsize + MASK_WIRE_DTYPE.itemsize + LABEL_WIRE_DTYPE.itemsize)
 
 
-def _hidden(p: pb.Tensor, name: str, lim: Limits, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    t = tensor_from_proto(p, name, lim.dtype, shape=shape or (None, None, lim.hidden_size),
-                          max_dims=(lim.batch_size, lim.max_length, lim.hidden_size), max_abs=lim.max_abs)
-    return t.to(torch.float32)
-
-
-def _check_count(value: int, most: int, name: str) -> int:
-    if not 0 <= value <= most:
-        raise WireError(f"{name}: {value} is outside [0, {most}]")
-    return int(value)
-
-
-def _check_float(value: float, name: str, low: float = 0.0) -> float:
-    if not math.isfinite(value) or value < low:
-        raise WireError(f"{name}: {value!r} must be a finite number >= {low:g}")
-    return float(value)
-
-
 # AdamW's moments (runtime/optim.py's betas b1, b2): m = sum (1-b1) b1^k g_k and
 # v = sum (1-b2) b2^k g_k^2 per value, so by Cauchy-Schwarz m^2 <= MOMENT_RATIO * v whatever the
 # gradients were. Moments that break it were not made by AdamW: loaded, they make the next step as large
@@ -275,7 +257,7 @@ class _Field:
         return getattr(self.p, self.name)
 
 
-_TENSORS = (Hidden, Mask, Labels, State, Nested)
+_TENSORS = (BatchTensor, State, Nested)
 
 
 def decode_message(cls: type, p: Message, at: _Receiver, prefix: str = ""):
@@ -295,34 +277,15 @@ def decode_message(cls: type, p: Message, at: _Receiver, prefix: str = ""):
     return cls(**got)
 
 
-@singledispatch
 def _put(kind: Kind, p: Message, name: str, value, wire_dtype: str) -> None:
-    setattr(p, name, value)  # numbers, flags, text, bytes
-
-
-@_put.register
-def _(kind: Hidden, p, name, value, wire_dtype):
-    getattr(p, name).CopyFrom(tensor_to_proto(value, WIRE_DTYPES[wire_dtype]))
-
-
-@_put.register
-def _(kind: Mask, p, name, value, wire_dtype):
-    getattr(p, name).CopyFrom(tensor_to_proto(value, MASK_WIRE_DTYPE))
-
-
-@_put.register
-def _(kind: Labels, p, name, value, wire_dtype):
-    getattr(p, name).CopyFrom(tensor_to_proto(value, LABEL_WIRE_DTYPE))
-
-
-@_put.register
-def _(kind: State, p, name, value, wire_dtype):
-    getattr(p, name).CopyFrom(state_to_proto(value))
-
-
-@_put.register
-def _(kind: Nested, p, name, value, wire_dtype):
-    encode_message(value, _into(p, name), wire_dtype)
+    if isinstance(kind, BatchTensor):
+        getattr(p, name).CopyFrom(tensor_to_proto(value, kind.dtype or WIRE_DTYPES[wire_dtype]))
+    elif isinstance(kind, State):
+        getattr(p, name).CopyFrom(state_to_proto(value))
+    elif isinstance(kind, Nested):
+        encode_message(value, _into(p, name), wire_dtype)
+    else:  # numbers, flags, text, bytes
+        setattr(p, name, value)
 
 
 @singledispatch
@@ -343,14 +306,19 @@ def _(kind: Count, f):
         return None
     if kind.equals:
         return int(_repeated(kind, f, f.raw))
-    return _check_count(f.raw, getattr(f.at, kind.most), f.label)
+    most = getattr(f.at, kind.most)
+    if not 0 <= f.raw <= most:
+        raise WireError(f"{f.label}: {f.raw} is outside [0, {most}]")
+    return int(f.raw)
 
 
 @_get.register
 def _(kind: Real, f):
     if (kind.flag and not getattr(f.p, kind.flag)) or (kind.when and not getattr(f.at.lim, kind.when)):
         return None if kind.flag else f.default
-    return _check_float(f.raw, f.label, kind.low)
+    if not math.isfinite(f.raw) or f.raw < kind.low:
+        raise WireError(f"{f.label}: {f.raw!r} must be a finite number >= {kind.low:g}")
+    return float(f.raw)
 
 
 @_get.register
@@ -372,12 +340,11 @@ def _(kind: Choice, f):
 
 @_get.register
 def _(kind: Hidden, f):
-    shape = None
-    if kind.same_batch:
-        shape = f.at.batch_shape
-        if shape is None:
-            raise WireError(f"{f.label} for a batch this client has not sent")
-    return _hidden(f.raw, f.label, f.at.lim, shape)
+    lim, shape = f.at.lim, f.at.batch_shape if kind.same_batch else (None, None, f.at.lim.hidden_size)
+    if shape is None:
+        raise WireError(f"{f.label} for a batch this client has not sent")
+    return tensor_from_proto(f.raw, f.label, lim.dtype, shape=shape, max_abs=lim.max_abs,
+                             max_dims=(lim.batch_size, lim.max_length, lim.hidden_size)).to(torch.float32)
 
 
 @_get.register
@@ -496,7 +463,8 @@ def reply_from_proto(msg: pb.ClientMessage, expect: Expect):
     cls = REPLY_OF[type(expect.command)]
     kind = msg.WhichOneof("payload")
     if kind != cls.wire_name:
-        raise WireError(f"the reply to {type(expect.command).__name__} must be {cls.wire_name}, got {kind or 'nothing'}")
+        asked = type(expect.command).__name__
+        raise WireError(f"the reply to {asked} must be {cls.wire_name}, got {kind or 'nothing'}")
     return decode_message(cls, getattr(msg, kind), expect)
 
 
