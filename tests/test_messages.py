@@ -19,7 +19,8 @@ from splitlora.runtime.client import ClientApp, handlers
 from splitlora.transport import splitlora_pb2 as pb
 from splitlora.transport.wire import (PROTOCOL_VERSION, ClientView, Expect, Limits, WireError, command_from_proto,
                                       command_to_proto, decode_message, encode_message, message_payload_bytes,
-                                      reply_from_proto, reply_to_proto)
+                                      reply_from_proto, reply_to_proto, state_from_proto, state_to_proto,
+                                      tensor_to_proto)
 
 TWO_PART = Limits(batch_size=4, max_length=16, hidden_size=8, vocab_size=100, wire_dtype="fp32", max_abs=1e4,
                   u_shape=False)
@@ -51,7 +52,7 @@ def _labels(b, t):
     return labels
 
 
-def _data(kind, at, stage):
+def _data(kind, stage):
     if kind.answer and stage == "keys":
         return bytes(range(64))
     if kind.answer and stage == "mask":
@@ -72,7 +73,7 @@ EXAMPLES = {  # kind -> (kind, field name, receiver, the fields so far) -> a val
     FirstMoments: lambda k, n, at, got: _state(1e-3),
     SecondMoments: lambda k, n, at, got: _state(1.0, square=True),
     Nested: lambda k, n, at, got: example(k.cls, at),
-    SecAggData: lambda k, n, at, got: _data(k, at, got["stage"]),
+    SecAggData: lambda k, n, at, got: _data(k, got["stage"]),
 }
 
 
@@ -188,18 +189,6 @@ def test_every_number_and_tensor_is_bounded():
             assert isinstance(kind, (Hidden, Mask, Labels, State, SecAggData, Flag)), f"{what}: unknown {kind}"
 
 
-def _tensor(t, dtype=None):
-    from splitlora.transport.wire import tensor_to_proto
-
-    return tensor_to_proto(t, dtype)
-
-
-def _state_proto(state):
-    from splitlora.transport.wire import state_to_proto
-
-    return state_to_proto(state)
-
-
 def _setting(value):
     return lambda p, name: setattr(p, name, value)
 
@@ -209,14 +198,12 @@ def _copying(make):
 
 
 def _with_state(p, change):
-    from splitlora.transport.wire import state_from_proto
-
     state = state_from_proto(p, SHAPES, "s")
     change(state)
-    return _state_proto(state)
+    return state_to_proto(state)
 
 
-def _outside(kind, at, lim, path):
+def _outside(kind, at, lim):
     """(what, mutation of the protobuf field) for values outside ``kind``'s bounds."""
     b, t, h = BATCH
     if isinstance(kind, Count):
@@ -231,25 +218,25 @@ def _outside(kind, at, lim, path):
         other = next(o for o in kind.options if o != kind.options[0] and o != "mask")
         return [("unknown", _setting("nope"))] + ([("another", _setting(other))] if kind.equals else [])
     if isinstance(kind, Hidden):
-        cases = [("NaN", _copying(lambda p: _tensor(torch.full(BATCH, float("nan"))))),
-                 ("above max_abs", _copying(lambda p: _tensor(torch.full(BATCH, 10 * lim.max_abs)))),
-                 ("hidden size", _copying(lambda p: _tensor(torch.zeros(b, t, h + 1)))),
-                 ("dtype", _copying(lambda p: _tensor(torch.zeros(BATCH, dtype=torch.float16)))),
-                 ("batch", _copying(lambda p: _tensor(torch.zeros(lim.batch_size + 1, t, h)))),
-                 ("length", _copying(lambda p: _tensor(torch.zeros(b, lim.max_length + 1, h))))]
+        cases = [("NaN", _copying(lambda p: tensor_to_proto(torch.full(BATCH, float("nan"))))),
+                 ("above max_abs", _copying(lambda p: tensor_to_proto(torch.full(BATCH, 10 * lim.max_abs)))),
+                 ("hidden size", _copying(lambda p: tensor_to_proto(torch.zeros(b, t, h + 1)))),
+                 ("dtype", _copying(lambda p: tensor_to_proto(torch.zeros(BATCH, dtype=torch.float16)))),
+                 ("batch", _copying(lambda p: tensor_to_proto(torch.zeros(lim.batch_size + 1, t, h)))),
+                 ("length", _copying(lambda p: tensor_to_proto(torch.zeros(b, lim.max_length + 1, h))))]
         if kind.same_batch:
-            cases.append(("not the batch", _copying(lambda p: _tensor(torch.zeros(b, t - 1, h)))))
+            cases.append(("not the batch", _copying(lambda p: tensor_to_proto(torch.zeros(b, t - 1, h)))))
         return cases
     if isinstance(kind, Mask):
         left = _mask(b, t).flip(1)
-        return [("value 2", _copying(lambda p: _tensor(torch.full((b, t), 2, dtype=torch.uint8)))),
-                ("left-padded", _copying(lambda p: _tensor(left, torch.uint8))),
-                ("shape", _copying(lambda p: _tensor(torch.ones(b, t + 1, dtype=torch.uint8))))]
+        return [("value 2", _copying(lambda p: tensor_to_proto(torch.full((b, t), 2, dtype=torch.uint8)))),
+                ("left-padded", _copying(lambda p: tensor_to_proto(left, torch.uint8))),
+                ("shape", _copying(lambda p: tensor_to_proto(torch.ones(b, t + 1, dtype=torch.uint8))))]
     if isinstance(kind, Labels):
         if lim.u_shape:
-            return [("sent in the U-shape", _copying(lambda p: _tensor(_labels(b, t), torch.int32)))]
-        return [("token id", _copying(lambda p: _tensor(torch.full((b, t), lim.vocab_size, dtype=torch.int32)))),
-                ("no loss token", _copying(lambda p: _tensor(torch.full((b, t), -100, dtype=torch.int32)))),
+            return [("sent in the U-shape", _copying(lambda p: tensor_to_proto(_labels(b, t), torch.int32)))]
+        return [("token id", _copying(lambda p: tensor_to_proto(torch.full((b, t), lim.vocab_size), torch.int32))),
+                ("no loss token", _copying(lambda p: tensor_to_proto(torch.full((b, t), -100), torch.int32))),
                 ("missing", lambda p, name: p.ClearField(name))]
     if isinstance(kind, State):
         key = next(iter(SHAPES))
@@ -273,7 +260,7 @@ def _cases():
     for cls, path, kind in ALL_FIELDS:
         for lim, lim_id in [(TWO_PART, "two-part"), (U_SHAPE, "u-shape")]:
             at = view(lim) if cls in COMMANDS.values() else expect(cls, lim)
-            for what, mutate in _outside(kind, at, lim, path):
+            for what, mutate in _outside(kind, at, lim):
                 yield pytest.param(cls, path, lim, mutate, id=f"{cls.__name__}.{path}-{what}-{lim_id}")
 
 
@@ -349,7 +336,7 @@ def test_a_new_message_needs_only_its_declaration():
     assert same(got, replace(wire_precision(sent, torch.bfloat16), note="a long n"))
     assert message_payload_bytes(p) == payload_nbytes(sent, torch.bfloat16)
     for field, value, needle in [("step", RUN_STEPS + 1, "outside"), ("temperature", float("nan"), "finite"),
-                                 ("hidden", _tensor(torch.zeros(2, 6, 8), torch.bfloat16), "dimension 1 must be 5")]:
+                                 ("hidden", tensor_to_proto(torch.zeros(2, 6, 8), torch.bfloat16), "must be 5")]:
         bad = ProbeMsg.FromString(p.SerializeToString())
         if isinstance(value, (int, float)):
             setattr(bad, field, value)

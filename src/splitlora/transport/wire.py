@@ -190,7 +190,7 @@ class _Receiver:
         return getattr(self.command if source == ASKED else self, name)
 
 
-_REPEAT_ERRORS = {ASKED: "{name} {value}, but the server asked for {name} {want}",
+_REPEAT_ERRORS = {ASKED: "reply for {name} {value}, the command was for {name} {want}",
                   HELLO: "{name} {value} differs from the {want} announced in Hello"}
 
 
