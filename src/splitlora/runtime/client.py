@@ -13,6 +13,7 @@ actor. What it holds depends on the algorithm:
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -34,6 +35,24 @@ from .optim import Optimizer
 
 class ProtocolError(RuntimeError):
     """A command that does not fit what this client did (a gradient for a step it did not run, ...)."""
+
+
+def handles(command_type: type):
+    """Marks the :class:`ClientApp` method that carries out ``command_type`` (a subclass may override
+    the method, or mark one for a command of its own)."""
+
+    def mark(method):
+        method.handles = command_type
+        return method
+
+    return mark
+
+
+@functools.cache
+def handlers(cls: type) -> dict[type, str]:
+    """Command type -> the name of the method of ``cls`` (a :class:`ClientApp`) that carries it out."""
+    return {m.handles: name for klass in reversed(cls.__mro__) for name, m in vars(klass).items()
+            if callable(m) and hasattr(m, "handles")}
 
 
 class ClientApp:
@@ -60,10 +79,6 @@ class ClientApp:
         self.finished: Finish | None = None
         self.hooks: list[Hook] = []
         self._open = None  # (step, batch, hidden, sent, embeddings) between Forward and Backward
-        self._handlers = {Sync: self._sync, Forward: self._forward, Backward: self._backward, Tail: self._tail,
-                          LocalStep: self._local_step, Upload: self._upload, Load: self._load,
-                          HandOut: self._hand_out, HandIn: self._hand_in, Finish: self._finish,
-                          SecAgg: self._secagg}
         self._secure = None  # this round's SecAggClient
 
     def _stream(self):
@@ -77,11 +92,11 @@ class ClientApp:
     # ---- the one entry point ----------------------------------------------------------------------
     def handle(self, command):
         """Carry out ``command``; returns its reply (or None for a command that expects none)."""
-        handler = self._handlers.get(type(command))
-        if handler is None:
+        name = handlers(type(self)).get(type(command))
+        if name is None:
             raise ProtocolError(f"unknown command {type(command).__name__}")
         with self.rng.active():
-            return handler(command)
+            return getattr(self, name)(command)
 
     def _observe(self, kind: str, step: int, shape: tuple, batch=None):
         if batch is None:
@@ -96,6 +111,7 @@ class ClientApp:
         return None if batch is None else to_device(batch, self.device)  # None: an empty Poisson batch
 
     # ---- split: bottom, tail ------------------------------------------------------------------------
+    @handles(Forward)
     def _forward(self, cmd: Forward) -> Activations:
         if self.whole:
             raise ProtocolError("Forward sent to a client that holds the whole model")
@@ -112,6 +128,7 @@ class ClientApp:
         labels = None if self.tail_start is not None else batch["labels"]
         return Activations(cmd.step, out, batch["attention_mask"], labels)
 
+    @handles(Tail)
     def _tail(self, cmd: Tail) -> TailGrad:
         step, batch, *_ = self._expect(cmd.step, "Tail")
         if self.tail_start is None:
@@ -128,6 +145,7 @@ class ClientApp:
             grad = self.protect.noise(self.protect.clip(self.optimizer.unscale(hidden.grad, scale)))
         return TailGrad(cmd.step, grad, float(loss.detach()), tokens)
 
+    @handles(Backward)
     def _backward(self, cmd: Backward) -> None:
         step, batch, hidden, sent, embeds = self._expect(cmd.step, "Backward")
         if tuple(cmd.grad.shape) != tuple(sent.shape):
@@ -169,6 +187,7 @@ class ClientApp:
         self.optimizer.step()
 
     # ---- whole model: fed, cen ----------------------------------------------------------------------
+    @handles(LocalStep)
     def _local_step(self, cmd: LocalStep) -> StepDone:
         if not self.whole:
             raise ProtocolError("LocalStep sent to a client that holds only its side of the cut")
@@ -192,11 +211,13 @@ class ClientApp:
         return StepDone(cmd.step, float(loss.detach()), int((batch["labels"][:, 1:] != IGNORE).sum()))
 
     # ---- adapters -----------------------------------------------------------------------------------
+    @handles(Upload)
     def _upload(self, cmd: Upload) -> AdapterUpdate:
         # A round boundary: remember where we are, to come back here if the server resumes here.
         self.snapshots[self.batches] = self._snapshot()
         return AdapterUpdate(cmd.round, lora_state(self.part), self.num_samples)
 
+    @handles(SecAgg)
     def _secagg(self, cmd: SecAgg) -> SecAggReply:
         """Secure aggregation: this client's side of one stage; its adapter leaves only masked."""
         import struct
@@ -231,16 +252,19 @@ class ClientApp:
             raise ProtocolError(f"secure aggregation: {exc}") from None
         return SecAggReply(cmd.round, cmd.stage, data)
 
+    @handles(Load)
     def _load(self, cmd: Load) -> None:
         if cmd.state is not None:  # None: the round was not aggregated; keep the local adapter
             load_lora_state(self.part, cmd.state)
         for b in [b for b in self.snapshots if b < cmd.keep_from]:
             del self.snapshots[b]
 
+    @handles(HandOut)
     def _hand_out(self, cmd: HandOut) -> Handover:
         exp_avg, exp_avg_sq = self.optimizer.moments()
         return Handover(lora_state(self.part), exp_avg, exp_avg_sq, self.optimizer.steps)
 
+    @handles(HandIn)
     def _hand_in(self, cmd: HandIn) -> None:
         self._take(cmd.handover)
 
@@ -249,6 +273,7 @@ class ClientApp:
         self.optimizer.load_moments(h.exp_avg, h.exp_avg_sq, h.opt_steps)
 
     # ---- joining, rejoining, leaving ----------------------------------------------------------------
+    @handles(Sync)
     def _sync(self, cmd: Sync) -> None:
         """Line up with the run. Behind: skip the batches missed (the schedule follows). Ahead (the
         server went back to a checkpoint): rewind to the snapshot taken at that round boundary."""
@@ -287,6 +312,7 @@ class ClientApp:
         if self.dp is not None and "dp" in snap:
             self.dp.load_state_dict(snap["dp"])
 
+    @handles(Finish)
     def _finish(self, cmd: Finish) -> None:
         self.finished = cmd
 

@@ -10,19 +10,19 @@ receiver refuses a declared size above its limit before reading the rest.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from functools import singledispatch
+from typing import Callable, Iterator, Mapping
 
 import torch
 from google.protobuf.message import DecodeError, Message
 
 from ..data.batching import IGNORE
-from ..messages import (LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, STATE_WIRE_DTYPE, WIRE_DTYPES, Activations,
-                        AdapterUpdate, Backward, Finish, Forward, HandIn, HandOut, Handover, Load, LocalStep,
-                        SecAgg, SecAggReply, StepDone, Sync, Tail, TailGrad, Upload)
+from ..messages import (ASKED, COMMANDS, HELLO, LABEL_WIRE_DTYPE, MASK_WIRE_DTYPE, REPLIES, REPLY_OF, SECAGG_MAX_BYTES,
+                        STATE_WIRE_DTYPE, WIRE_DTYPES, BatchTensor, Choice, Count, FirstMoments, Flag, Hidden, Kind,
+                        Labels, Mask, Nested, Real, SecAggData, SecondMoments, State, Text, kinds)
 from ..runtime.optim import BETAS
 from . import splitlora_pb2 as pb
 
@@ -153,29 +153,6 @@ class Limits:
         return b * t * (self.hidden_size * self.dtype.itemsize + MASK_WIRE_DTYPE.itemsize + LABEL_WIRE_DTYPE.itemsize)
 
 
-def _hidden(p: pb.Tensor, name: str, lim: Limits, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    t = tensor_from_proto(p, name, lim.dtype, shape=shape or (None, None, lim.hidden_size),
-                          max_dims=(lim.batch_size, lim.max_length, lim.hidden_size), max_abs=lim.max_abs)
-    return t.to(torch.float32)
-
-
-def _check_count(value: int, most: int, name: str) -> int:
-    if not 0 <= value <= most:
-        raise WireError(f"{name}: {value} is outside [0, {most}]")
-    return int(value)
-
-
-def _check_float(value: float, name: str, low: float = 0.0) -> float:
-    if not math.isfinite(value) or value < low:
-        raise WireError(f"{name}: {value!r} must be a finite number >= {low:g}")
-    return float(value)
-
-
-def handover_to_proto(h: Handover) -> pb.HandoverMsg:
-    return pb.HandoverMsg(state=state_to_proto(h.state), exp_avg=state_to_proto(h.exp_avg),
-                          exp_avg_sq=state_to_proto(h.exp_avg_sq), opt_steps=h.opt_steps)
-
-
 # AdamW's moments (runtime/optim.py's betas b1, b2): m = sum (1-b1) b1^k g_k and
 # v = sum (1-b2) b2^k g_k^2 per value, so by Cauchy-Schwarz m^2 <= MOMENT_RATIO * v whatever the
 # gradients were. Moments that break it were not made by AdamW: loaded, they make the next step as large
@@ -185,66 +162,40 @@ _BETA1, _BETA2 = BETAS
 MOMENT_RATIO = (1 - _BETA1) ** 2 / ((1 - _BETA2) * (1 - _BETA1 ** 2 / _BETA2))  # about 52.9
 
 
-def handover_from_proto(msg: pb.HandoverMsg, shapes: Mapping[str, tuple[int, ...]], max_steps: int,
-                        max_abs: float) -> Handover:
-    sq = state_from_proto(msg.exp_avg_sq, shapes, "exp_avg_sq")
-    if any(bool((v < 0).any()) for v in sq.values()):
-        raise WireError("exp_avg_sq: second moments must be >= 0")
-    avg = state_from_proto(msg.exp_avg, shapes, "exp_avg", max_abs=max_abs)
-    for k, m in avg.items():
-        # (slack for float32 rounding, and for squares that underflow to 0)
-        if bool((m.double().square() > MOMENT_RATIO * (1 + 1e-4) * sq[k].double() + 1e-30).any()):
-            raise WireError(f"exp_avg[{k}]: first moments too large for their second moments "
-                            "(not AdamW's: m^2 <= 52.9 v)")
-    return Handover(state_from_proto(msg.state, shapes, "handover", max_abs=max_abs), avg, sq,
-                    _check_count(msg.opt_steps, max_steps, "opt_steps"))
+class _Receiver:
+    """The values a receiver holds messages to, by the names :mod:`splitlora.messages` declares
+    (``STEPS``, ``BATCH_TOKENS``, ``LOSS_TOKENS``; ``ASKED``, ``HELLO``)."""
+
+    lim: Limits
+    steps: int
+    shapes: Mapping[str, tuple[int, ...]]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...] | None:
+        """(B, T, H) of the batch the exchange is about (None: there is none)."""
+        hidden = getattr(getattr(self, "command", None), "hidden", None)
+        return tuple(hidden.shape) if hidden is not None else None
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.lim.batch_size * self.lim.max_length
+
+    @property
+    def loss_tokens(self) -> int:
+        b, t = self.batch_shape[:2]
+        return b * max(t - 1, 0)
+
+    def said(self, source: str, name: str):
+        """What a field ``name`` must repeat: the command's field (ASKED) or this client's Hello (HELLO)."""
+        return getattr(self.command if source == ASKED else self, name)
 
 
-# ---- server -> client: commands -------------------------------------------------------------------
-
-def command_to_proto(cmd, command_id: int, wire_dtype: str) -> pb.Command:
-    """``cmd`` (a :mod:`splitlora.messages` command) as a protobuf ``Command``."""
-    dtype = WIRE_DTYPES[wire_dtype]
-    if isinstance(cmd, Sync):
-        msg = pb.SyncMsg(step=cmd.step, batches=cmd.batches, round=cmd.round)
-        if cmd.state is not None:
-            msg.state.CopyFrom(state_to_proto(cmd.state))
-        if cmd.handover is not None:
-            msg.handover.CopyFrom(handover_to_proto(cmd.handover))
-        return pb.Command(id=command_id, sync=msg)
-    if isinstance(cmd, Forward):
-        return pb.Command(id=command_id, forward=pb.ForwardMsg(step=cmd.step))
-    if isinstance(cmd, Backward):
-        return pb.Command(id=command_id, backward=pb.BackwardMsg(
-            step=cmd.step, grad=tensor_to_proto(cmd.grad, dtype), loss=cmd.loss or 0.0, tokens=cmd.tokens or 0,
-            has_loss=cmd.loss is not None, scale=cmd.scale))
-    if isinstance(cmd, Tail):
-        return pb.Command(id=command_id, tail=pb.TailMsg(step=cmd.step, hidden=tensor_to_proto(cmd.hidden, dtype)))
-    if isinstance(cmd, LocalStep):
-        return pb.Command(id=command_id, local_step=pb.LocalStepMsg(step=cmd.step))
-    if isinstance(cmd, Upload):
-        return pb.Command(id=command_id, upload=pb.UploadMsg(round=cmd.round))
-    if isinstance(cmd, Load):
-        msg = pb.LoadMsg(round=cmd.round, keep_from=cmd.keep_from)
-        if cmd.state is not None:
-            msg.state.CopyFrom(state_to_proto(cmd.state))
-        return pb.Command(id=command_id, load=msg)
-    if isinstance(cmd, HandOut):
-        return pb.Command(id=command_id, hand_out=pb.HandOutMsg(step=cmd.step))
-    if isinstance(cmd, HandIn):
-        return pb.Command(id=command_id, hand_in=pb.HandInMsg(step=cmd.step, handover=handover_to_proto(cmd.handover)))
-    if isinstance(cmd, Finish):
-        return pb.Command(id=command_id, finish=pb.FinishMsg(stop=cmd.stop, reason=cmd.reason))
-    if isinstance(cmd, SecAgg):
-        return pb.Command(id=command_id, secagg=pb.SecAggMsg(round=cmd.round, stage=cmd.stage, data=cmd.data))
-    raise TypeError(f"not a command: {type(cmd).__name__}")
-
-
-WAIT = "wait"  # what command_from_proto returns for a Wait: nothing to do, call again
+_REPEAT_ERRORS = {ASKED: "reply for {name} {value}, the command was for {name} {want}",
+                  HELLO: "{name} {value} differs from the {want} announced in Hello"}
 
 
 @dataclass
-class ClientView:
+class ClientView(_Receiver):
     """What a client checks the server's commands against: its own LoRA shapes and open batch."""
 
     shapes: Mapping[str, tuple[int, ...]]
@@ -252,89 +203,13 @@ class ClientView:
     steps: int
     open_shape: tuple[int, ...] | None = None  # (B, T, H) of the batch between Forward and Backward
 
-
-def command_from_proto(msg: pb.Command, view: ClientView):
-    """A checked command (raises :class:`WireError`), or :data:`WAIT`."""
-    kind = msg.WhichOneof("kind")
-    lim, shapes = view.lim, view.shapes
-
-    def step(value: int) -> int:
-        return _check_count(value, view.steps, "step")
-
-    def grad_like(p: pb.Tensor, name: str) -> torch.Tensor:
-        if view.open_shape is None:
-            raise WireError(f"{name} for a batch this client has not sent")
-        return _hidden(p, name, lim, shape=view.open_shape)
-
-    if kind == "sync":
-        m = msg.sync
-        return Sync(step(m.step), step(m.batches), _check_count(m.round, view.steps, "round"),
-                    state_from_proto(m.state, shapes, "state", lim.max_abs) if m.HasField("state") else None,
-                    handover_from_proto(m.handover, shapes, view.steps, lim.max_abs) if m.HasField("handover") else None)
-    if kind == "forward":
-        return Forward(step(msg.forward.step))
-    if kind == "backward":
-        m = msg.backward
-        return Backward(step(m.step), grad_like(m.grad, "grad"), _check_float(m.loss, "loss") if m.has_loss else None,
-                        _check_count(m.tokens, lim.batch_size * lim.max_length, "tokens") if m.has_loss else None,
-                        _check_float(m.scale, "scale") if lim.u_shape else 1.0)
-    if kind == "tail":
-        return Tail(step(msg.tail.step), grad_like(msg.tail.hidden, "hidden"))
-    if kind == "local_step":
-        return LocalStep(step(msg.local_step.step))
-    if kind == "upload":
-        return Upload(_check_count(msg.upload.round, view.steps, "round"))
-    if kind == "load":
-        m = msg.load
-        return Load(_check_count(m.round, view.steps, "round"),
-                    state_from_proto(m.state, shapes, "average", lim.max_abs) if m.HasField("state") else None,
-                    step(m.keep_from))
-    if kind == "hand_out":
-        return HandOut(step(msg.hand_out.step))
-    if kind == "hand_in":
-        return HandIn(step(msg.hand_in.step), handover_from_proto(msg.hand_in.handover, shapes, view.steps,
-                                                                  lim.max_abs))
-    if kind == "finish":
-        return Finish(msg.finish.stop, msg.finish.reason[:500])
-    if kind == "secagg":
-        return SecAgg(_check_count(msg.secagg.round, view.steps, "round"), *_secagg_body(msg.secagg))
-    if kind == "wait":
-        return WAIT
-    raise WireError(f"unknown command {kind!r}")
-
-
-# ---- client -> server: replies --------------------------------------------------------------------
-
-def reply_to_proto(reply, session: int, reply_to: int, wire_dtype: str) -> pb.ClientMessage:
-    dtype = WIRE_DTYPES[wire_dtype]
-    msg = pb.ClientMessage(session=session, reply_to=reply_to)
-    if reply is None:
-        return msg
-    if isinstance(reply, Activations):
-        a = pb.ActivationsMsg(step=reply.step, hidden=tensor_to_proto(reply.hidden, dtype),
-                              attention_mask=tensor_to_proto(reply.attention_mask, MASK_WIRE_DTYPE))
-        if reply.labels is not None:
-            a.labels.CopyFrom(tensor_to_proto(reply.labels, LABEL_WIRE_DTYPE))
-        msg.activations.CopyFrom(a)
-    elif isinstance(reply, TailGrad):
-        msg.tail_grad.CopyFrom(pb.TailGradMsg(step=reply.step, grad=tensor_to_proto(reply.grad, dtype),
-                                              loss=reply.loss, tokens=reply.tokens))
-    elif isinstance(reply, StepDone):
-        msg.step_done.CopyFrom(pb.StepDoneMsg(step=reply.step, loss=reply.loss, tokens=reply.tokens))
-    elif isinstance(reply, AdapterUpdate):
-        msg.adapter.CopyFrom(pb.AdapterMsg(round=reply.round, num_samples=reply.num_samples,
-                                           state=state_to_proto(reply.state)))
-    elif isinstance(reply, Handover):
-        msg.handover.CopyFrom(handover_to_proto(reply))
-    elif isinstance(reply, SecAggReply):
-        msg.secagg.CopyFrom(pb.SecAggMsg(round=reply.round, stage=reply.stage, data=reply.data))
-    else:
-        raise TypeError(f"not a reply: {type(reply).__name__}")
-    return msg
+    @property
+    def batch_shape(self) -> tuple[int, ...] | None:
+        return self.open_shape
 
 
 @dataclass(frozen=True)
-class Expect:
+class Expect(_Receiver):
     """What the server asked a client for, so that it can check the answer."""
 
     command: object  # the command sent
@@ -344,101 +219,265 @@ class Expect:
     num_samples: int  # what the client declared in Hello
 
 
+# ---- any declared message: one encoder, one decoder ------------------------------------------------
+# Each kind of splitlora.messages has a _put (value -> protobuf field) and a _get (protobuf field ->
+# checked value); a message is the walk over its declared fields.
+
+def encode_message(msg, p: Message, wire_dtype: str) -> None:
+    """Writes ``msg`` (a message declared as in :mod:`splitlora.messages`) into ``p``, its protobuf
+    message (fields of the same names), tensors of :class:`~splitlora.messages.Hidden` in ``wire_dtype``."""
+    for name, kind in kinds(msg).items():
+        value = getattr(msg, name)
+        if value is not None:
+            _put(kind, p, name, value, wire_dtype)
+            if getattr(kind, "flag", None):
+                setattr(p, kind.flag, True)
+
+
+def _into(p: Message, name: str) -> Message:
+    """``p``'s message field ``name``, set (even when all its fields are defaults)."""
+    field = getattr(p, name)
+    field.SetInParent()
+    return field
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One field being decoded: where it is, what it is called in errors, whom it is checked for."""
+
+    p: Message
+    name: str
+    label: str
+    at: _Receiver
+    default: object
+    sibling: Callable[[str], object]  # another field of the same message, checked
+
+    @property
+    def raw(self):
+        return getattr(self.p, self.name)
+
+
+_TENSORS = (BatchTensor, State, Nested)
+
+
+def decode_message(cls: type, p: Message, at: _Receiver, prefix: str = ""):
+    """A ``cls`` (declared as in :mod:`splitlora.messages`) read from ``p`` and checked field by field
+    as declared, for the receiver ``at`` (raises :class:`WireError`); numbers before any tensor is built."""
+    declared = kinds(cls)
+    defaults = {f.name: f.default for f in fields(cls)}
+    got: dict[str, object] = {}
+
+    def sibling(name: str):  # a field may be checked against another, decoded first
+        if name not in got:
+            got[name] = _get(declared[name], _Field(p, name, prefix + name, at, defaults[name], sibling))
+        return got[name]
+
+    for name in sorted(declared, key=lambda n: isinstance(declared[n], _TENSORS)):
+        sibling(name)
+    return cls(**got)
+
+
+def _put(kind: Kind, p: Message, name: str, value, wire_dtype: str) -> None:
+    if isinstance(kind, BatchTensor):
+        getattr(p, name).CopyFrom(tensor_to_proto(value, kind.dtype or WIRE_DTYPES[wire_dtype]))
+    elif isinstance(kind, State):
+        getattr(p, name).CopyFrom(state_to_proto(value))
+    elif isinstance(kind, Nested):
+        encode_message(value, _into(p, name), wire_dtype)
+    else:  # numbers, flags, text, bytes
+        setattr(p, name, value)
+
+
+@singledispatch
+def _get(kind: Kind, f: _Field):
+    raise TypeError(f"{f.label}: no decoder for {type(kind).__name__}")
+
+
+def _repeated(kind, f: _Field, value):
+    want = f.at.said(kind.equals, f.name)
+    if value != want:
+        raise WireError(_REPEAT_ERRORS[kind.equals].format(name=f.label, value=value, want=want))
+    return value
+
+
+@_get.register
+def _(kind: Count, f):
+    if kind.flag and not getattr(f.p, kind.flag):
+        return None
+    if kind.equals:
+        return int(_repeated(kind, f, f.raw))
+    most = getattr(f.at, kind.most)
+    if not 0 <= f.raw <= most:
+        raise WireError(f"{f.label}: {f.raw} is outside [0, {most}]")
+    return int(f.raw)
+
+
+@_get.register
+def _(kind: Real, f):
+    if (kind.flag and not getattr(f.p, kind.flag)) or (kind.when and not getattr(f.at.lim, kind.when)):
+        return None if kind.flag else f.default
+    if not math.isfinite(f.raw) or f.raw < kind.low:
+        raise WireError(f"{f.label}: {f.raw!r} must be a finite number >= {kind.low:g}")
+    return float(f.raw)
+
+
+@_get.register
+def _(kind: Flag, f):
+    return bool(f.raw)
+
+
+@_get.register
+def _(kind: Text, f):
+    return f.raw[:kind.most]
+
+
+@_get.register
+def _(kind: Choice, f):
+    if f.raw not in kind.options:
+        raise WireError(f"{f.label}: {f.raw[:20]!r} is not one of {', '.join(kind.options)}")
+    return _repeated(kind, f, f.raw) if kind.equals else f.raw
+
+
+@_get.register
+def _(kind: Hidden, f):
+    lim, shape = f.at.lim, f.at.batch_shape if kind.same_batch else (None, None, f.at.lim.hidden_size)
+    if shape is None:
+        raise WireError(f"{f.label} for a batch this client has not sent")
+    return tensor_from_proto(f.raw, f.label, lim.dtype, shape=shape, max_abs=lim.max_abs,
+                             max_dims=(lim.batch_size, lim.max_length, lim.hidden_size)).to(torch.float32)
+
+
+@_get.register
+def _(kind: Mask, f):
+    b, t = f.sibling(kind.like).shape[:2]
+    mask = tensor_from_proto(f.raw, f.label, MASK_WIRE_DTYPE, shape=(b, t))
+    if bool((mask > 1).any()):
+        raise WireError(f"{f.label}: values must be 0 or 1")
+    if not bool((mask[:, 0] == 1).all()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise WireError(f"{f.label}: every row must be right-padded and start with a real token")
+    return mask.to(torch.long)
+
+
+@_get.register
+def _(kind: Labels, f):
+    lim = f.at.lim
+    if lim.u_shape:
+        if f.p.HasField(f.name):
+            raise WireError(f"{f.label}: the U-shaped split keeps labels on the client; do not send them")
+        return None
+    if not f.p.HasField(f.name):
+        raise WireError(f"{f.label}: missing (the two-part split computes the loss on the server)")
+    b, t = f.sibling(kind.like).shape[:2]
+    labels = tensor_from_proto(f.raw, f.label, LABEL_WIRE_DTYPE, shape=(b, t))
+    if bool(((labels != IGNORE) & ((labels < 0) | (labels >= lim.vocab_size))).any()):
+        raise WireError(f"{f.label}: values must be -100 or token ids below {lim.vocab_size}")
+    if not bool((labels[:, 1:] != IGNORE).any()):
+        raise WireError(f"{f.label}: the batch carries no loss token (its loss would be 0/0)")
+    return labels.to(torch.long)
+
+
+@_get.register
+def _(kind: State, f):
+    if kind.optional and not f.p.HasField(f.name):
+        return None
+    return state_from_proto(f.raw, f.at.shapes, f.label, f.at.lim.max_abs)
+
+
+@_get.register
+def _(kind: SecondMoments, f):
+    sq = state_from_proto(f.raw, f.at.shapes, f.label)
+    if any(bool((v < 0).any()) for v in sq.values()):
+        raise WireError(f"{f.label}: second moments must be >= 0")
+    return sq
+
+
+@_get.register
+def _(kind: FirstMoments, f):
+    sq = f.sibling(kind.second)
+    avg = state_from_proto(f.raw, f.at.shapes, f.label, f.at.lim.max_abs)
+    for k, m in avg.items():
+        # (slack for float32 rounding, and for squares that underflow to 0)
+        if bool((m.double().square() > MOMENT_RATIO * (1 + 1e-4) * sq[k].double() + 1e-30).any()):
+            raise WireError(f"{f.label}[{k}]: first moments too large for their second moments "
+                            "(not AdamW's: m^2 <= 52.9 v)")
+    return avg
+
+
+@_get.register
+def _(kind: Nested, f):
+    if kind.optional and not f.p.HasField(f.name):
+        return None
+    return decode_message(kind.cls, f.raw, f.at, f.label + ".")
+
+
+@_get.register
+def _(kind: SecAggData, f):
+    data, stage = bytes(f.raw), f.sibling("stage")
+    if stage != "mask" and len(data) > SECAGG_MAX_BYTES:
+        raise WireError(f"secure aggregation: {len(data)} bytes for stage {stage!r}")
+    if kind.answer and stage == "mask":  # one value per LoRA coordinate and the weight, 8 bytes each
+        want = 8 * (sum(math.prod(s) for s in f.at.shapes.values()) + 1)
+        if len(data) != want:
+            raise WireError(f"secure aggregation: a masked input of {len(data)} bytes, expected {want}")
+    elif kind.answer and stage == "keys" and len(data) != 64:
+        raise WireError("secure aggregation: keys must be two 32-byte X25519 public keys")
+    return data
+
+
+# ---- server -> client: commands; client -> server: replies --------------------------------------------
+
+def command_to_proto(cmd, command_id: int, wire_dtype: str) -> pb.Command:
+    """``cmd`` (a :mod:`splitlora.messages` command) as a protobuf ``Command``."""
+    if COMMANDS.get(getattr(cmd, "wire_name", None)) is not type(cmd):
+        raise TypeError(f"not a command: {type(cmd).__name__}")
+    msg = pb.Command(id=command_id)
+    encode_message(cmd, _into(msg, cmd.wire_name), wire_dtype)
+    return msg
+
+
+WAIT = "wait"  # what command_from_proto returns for a Wait: nothing to do, call again
+
+
+def command_from_proto(msg: pb.Command, view: ClientView):
+    """A checked command (raises :class:`WireError`), or :data:`WAIT`."""
+    kind = msg.WhichOneof("kind")
+    if kind == "wait":
+        return WAIT
+    if kind not in COMMANDS:
+        raise WireError(f"unknown command {kind!r}")
+    return decode_message(COMMANDS[kind], getattr(msg, kind), view)
+
+
+def reply_to_proto(reply, session: int, reply_to: int, wire_dtype: str) -> pb.ClientMessage:
+    msg = pb.ClientMessage(session=session, reply_to=reply_to)
+    if reply is None:
+        return msg
+    if REPLIES.get(getattr(reply, "wire_name", None)) is not type(reply):
+        raise TypeError(f"not a reply: {type(reply).__name__}")
+    encode_message(reply, _into(msg, reply.wire_name), wire_dtype)
+    return msg
+
+
 def reply_from_proto(msg: pb.ClientMessage, expect: Expect):
     """The checked reply to ``expect.command`` (raises :class:`WireError`)."""
-    cmd, lim = expect.command, expect.lim
+    cls = REPLY_OF[type(expect.command)]
     kind = msg.WhichOneof("payload")
-    want = {Forward: "activations", Tail: "tail_grad", LocalStep: "step_done", Upload: "adapter",
-            HandOut: "handover", SecAgg: "secagg"}[type(cmd)]
-    if kind != want:
-        raise WireError(f"the reply to {type(cmd).__name__} must be {want}, got {kind or 'nothing'}")
-
-    def same_step(value: int) -> int:
-        if value != getattr(cmd, "step", value):
-            raise WireError(f"reply for step {value}, the command was for step {cmd.step}")
-        return int(value)
-
-    if kind == "activations":
-        m = msg.activations
-        hidden = _hidden(m.hidden, "hidden", lim)
-        b, t = hidden.shape[:2]
-        mask = tensor_from_proto(m.attention_mask, "attention_mask", MASK_WIRE_DTYPE, shape=(b, t))
-        if bool((mask > 1).any()):
-            raise WireError("attention_mask: values must be 0 or 1")
-        if not bool((mask[:, 0] == 1).all()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise WireError("attention_mask: every row must be right-padded and start with a real token")
-        labels = None
-        if lim.u_shape:
-            if m.HasField("labels"):
-                raise WireError("labels: the U-shaped split keeps labels on the client; do not send them")
-        else:
-            if not m.HasField("labels"):
-                raise WireError("labels: missing (the two-part split computes the loss on the server)")
-            labels = tensor_from_proto(m.labels, "labels", LABEL_WIRE_DTYPE, shape=(b, t))
-            bad = (labels != IGNORE) & ((labels < 0) | (labels >= lim.vocab_size))
-            if bool(bad.any()):
-                raise WireError(f"labels: values must be -100 or token ids below {lim.vocab_size}")
-            if not bool((labels[:, 1:] != IGNORE).any()):
-                raise WireError("labels: the batch carries no loss token (its loss would be 0/0)")
-            labels = labels.to(torch.long)
-        return Activations(same_step(m.step), hidden, mask.to(torch.long), labels)
-    if kind == "tail_grad":
-        m = msg.tail_grad
-        shape = tuple(cmd.hidden.shape)
-        grad = _hidden(m.grad, "grad", lim, shape=shape)
-        tokens = _check_count(m.tokens, shape[0] * max(shape[1] - 1, 0), "tokens")
-        return TailGrad(same_step(m.step), grad, _check_float(m.loss, "loss"), tokens)
-    if kind == "step_done":
-        m = msg.step_done
-        return StepDone(same_step(m.step), _check_float(m.loss, "loss"),
-                        _check_count(m.tokens, lim.batch_size * lim.max_length, "tokens"))
-    if kind == "adapter":
-        m = msg.adapter
-        if m.num_samples != expect.num_samples:
-            raise WireError(f"num_samples {m.num_samples} differs from the {expect.num_samples} announced in Hello")
-        if m.round != cmd.round:
-            raise WireError(f"adapter of round {m.round}, the server asked for round {cmd.round}")
-        return AdapterUpdate(int(m.round), state_from_proto(m.state, expect.shapes, "adapter", lim.max_abs),
-                             int(m.num_samples))
-    if kind == "secagg":
-        m = msg.secagg
-        stage, data = _secagg_body(m)
-        if m.round != cmd.round or stage != cmd.stage:
-            raise WireError(f"secure aggregation: a reply to {stage!r} of round {m.round}, the server asked for "
-                            f"{cmd.stage!r} of round {cmd.round}")
-        if stage == "mask":  # one value per LoRA coordinate and the weight, 8 bytes each
-            want = 8 * (sum(math.prod(s) for s in expect.shapes.values()) + 1)
-            if len(data) != want:
-                raise WireError(f"secure aggregation: a masked input of {len(data)} bytes, expected {want}")
-        elif stage == "keys" and len(data) != 64:
-            raise WireError("secure aggregation: keys must be two 32-byte X25519 public keys")
-        return SecAggReply(int(m.round), stage, data)
-    return handover_from_proto(msg.handover, expect.shapes, expect.steps, lim.max_abs)
+    if kind != cls.wire_name:
+        asked = type(expect.command).__name__
+        raise WireError(f"the reply to {asked} must be {cls.wire_name}, got {kind or 'nothing'}")
+    return decode_message(cls, getattr(msg, kind), expect)
 
 
-SECAGG_STAGES = ("keys", "share", "mask", "unmask")
-SECAGG_MAX_BYTES = 1 << 22  # any stage but a masked input: keys, shares and rosters of a few thousand clients
-
-
-def _secagg_body(m: pb.SecAggMsg) -> tuple[str, bytes]:
-    """Stage and data of a secure-aggregation message, checked for what the wire can check (the
-    content is parsed and checked by privacy/secagg.py)."""
-    if m.stage not in SECAGG_STAGES:
-        raise WireError(f"secure aggregation: unknown stage {m.stage[:20]!r}")
-    if m.stage != "mask" and len(m.data) > SECAGG_MAX_BYTES:
-        raise WireError(f"secure aggregation: {len(m.data)} bytes for stage {m.stage!r}")
-    return m.stage, bytes(m.data)
-
-
-def message_payload_bytes(msg) -> int:
-    """Tensor bytes of a protobuf message (every ``Tensor`` in it), as the simulation counts them."""
+def message_payload_bytes(msg: Message) -> int:
+    """Payload bytes of a protobuf message (every bytes field in it: tensor data, secure-aggregation
+    data), as the simulation counts them."""
     total = 0
     for field_desc, value in msg.ListFields():
-        if field_desc.message_type is None:
-            continue
         items = value if field_desc.is_repeated else [value]
-        for item in items:
-            total += len(item.data) if isinstance(item, (pb.Tensor, pb.SecAggMsg)) else message_payload_bytes(item)
+        if field_desc.type == field_desc.TYPE_BYTES:
+            total += sum(len(item) for item in items)
+        elif field_desc.message_type is not None:
+            total += sum(message_payload_bytes(item) for item in items)
     return total
 
 
