@@ -143,3 +143,29 @@ def test_bf16_split_equals_cen_on_cuda(tmp_path, tiny_gpt2):
     train(tiny_config(algorithm="cen", **common), tmp_path / "cen", progress=False, loaded=tiny_gpt2)
     a, b = _adapter(tmp_path / "split"), _adapter(tmp_path / "cen")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3  # CUDA kernels may differ in reduction order
+
+
+def _served_equals_train(tmp_path, tiny_gpt2, device: str) -> float:
+    """`splitlora serve` + 2 `splitlora client` processes on ``device`` in bf16 (checkpointed) against
+    `splitlora train` of the same run: max |adapter difference|."""
+    from deploy_helpers import write_client_csvs
+
+    from splitlora.transport.loopback import run_loopback
+
+    cfg = tiny_config(algorithm="splitlora", clients=2, steps=4, aggregate_every=2, batch_size=2,
+                      synthetic_examples=24, dtype="bf16", gradient_checkpointing=True, device=device, threads=1)
+    trained = train(cfg, tmp_path / "train", progress=False, loaded=tiny_gpt2)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    served = run_loopback(cfg, csvs, tmp_path / "loop", mode="processes", timeout=300)
+    a = _adapter(trained.out_dir)
+    b = load_file(f"{served['adapter_dir']}/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"\nmax |adapter(serve + 2 clients on {device}) - adapter(train on {device})| = {diff:.3g}")
+    return diff
+
+
+@pytest.mark.cuda
+def test_served_over_grpc_equals_train_on_cuda(tmp_path, tiny_gpt2):
+    """On a GPU: the deployed commands with `--device cuda` (server and clients) train what `train` does."""
+    assert _served_equals_train(tmp_path, tiny_gpt2, "cuda") <= 1e-3  # as above: CUDA reductions may differ

@@ -16,12 +16,19 @@ import torch
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+# SmolLM2-135M's shape (its GGUF's config): a GPU machine without the 98 MB GGUF builds it with random
+# weights, which time the same as the real ones.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True)
+SHAPES = {"llama3-8b-shaped": LLAMA3_8B, "smollm2-135m-shaped": SMOLLM2_135M}
 
 
-def llama3_config(blocks: int | None = None, tiny: bool = False):
+def llama3_config(blocks: int | None = None, tiny: bool = False, shape: dict = LLAMA3_8B):
+    """A ``LlamaConfig`` of ``shape`` (default Llama-3-8B's), optionally with ``blocks`` blocks."""
     from transformers import LlamaConfig
 
-    shape = dict(LLAMA3_8B)
+    shape = dict(shape)
     if tiny:  # Llama-3's proportions at 1/64 of the width: the same code, in seconds
         shape.update(hidden_size=64, intermediate_size=224, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=1, vocab_size=50257)

@@ -1,6 +1,7 @@
 """The GPU check: ``splitlora bench gpu`` (one GPU, offline, < 8 minutes) and its CPU ``--dry-run``.
 
-For each model (a Llama-3-8B-shaped model with random weights made on the GPU, and SmolLM2-135M),
+For each model (a Llama-3-8B-shaped model with random weights made on the GPU, and SmolLM2-135M, or
+``smollm2-135m-shaped``: its shape with random weights, where its GGUF is not installed),
 in bf16 with the same batch, sequence length, LoRA and data:
 
 * tokens/s of a plain unsplit PEFT training loop (``get_peft_model``, ``model(**batch).loss``,
@@ -31,7 +32,7 @@ from ..config import RunConfig
 from ..data.batching import BatchStream
 from ..models.loading import LoadedModel, gpt2_tokenizer, load_model
 from ..models.precision import TORCH_DTYPES, enable_checkpointing
-from .bigmodel import llama3_config
+from .bigmodel import SHAPES, llama3_config
 from .common import BenchResult, Options, Table, Target, apply_sets, log, median
 from .harness import build, quiet_transformers, synchronize
 
@@ -50,6 +51,7 @@ class Settings:
     gradient_checkpointing: bool = True  # the 8B model's activations at 4 clients x 4 x 512 need it
     run_tests: bool = True
     target_min_ratio: float = 0.9
+    full_rows: bool = True  # text rows longer than max_length: every batch is batch_size x max_length tokens
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -57,10 +59,11 @@ class Settings:
 
 
 def _model(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
-    if name.startswith("llama3-8b-shaped"):  # random weights, built directly on the device in the target dtype
+    shape = name.removesuffix("@tiny")
+    if shape in SHAPES:  # random weights, built directly on the device in the target dtype
         from transformers import LlamaForCausalLM
 
-        config = llama3_config(tiny=name.endswith("@tiny"))  # @tiny: the dry run's, the same code
+        config = llama3_config(tiny=name.endswith("@tiny"), shape=SHAPES[shape])  # @tiny: the dry run's, the same code
         with torch.device(device):
             model = LlamaForCausalLM._from_config(config, dtype=dtype)
         return LoadedModel(model.requires_grad_(False), gpt2_tokenizer(), name)
@@ -69,7 +72,31 @@ def _model(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
     return loaded
 
 
+def _full_length_rows(s: Settings) -> str:
+    """A JSONL file of ``text`` rows, each cut to ``max_length`` tokens (about 1.5 words per token
+    would do; 2 are written), enough for every client's batches; removed when the process ends."""
+    import atexit
+    import json
+    import random
+    import shutil
+    import tempfile
+
+    rng = random.Random(0)
+    words = ("the patient was seen in clinic today and reports less pain after the new dose of her "
+             "medication with no fever cough or shortness of breath follow up in two weeks").split()
+    folder = Path(tempfile.mkdtemp(prefix="splitlora-bench-gpu-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "rows.jsonl"
+    rows = 8 * s.batch_size * (s.warmup_steps + s.steps + 1)
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(rows):
+            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=2 * s.max_length))}) + "\n")
+    return str(path)
+
+
 def _config(model: str, s: Settings, device: str, **kw) -> RunConfig:
+    if s.full_rows:
+        kw.setdefault("data", _full_length_rows(s))
     return RunConfig(model=model, dtype=s.dtype, batch_size=s.batch_size, max_length=s.max_length,
                      steps=s.warmup_steps + s.steps + 1, warmup_steps=1, aggregate_every=s.steps + s.warmup_steps,
                      synthetic_examples=max(64, 8 * s.batch_size * (s.steps + s.warmup_steps + 1)),
@@ -243,7 +270,8 @@ def run(opts: Options) -> BenchResult:
         tests = cuda_tests(tests_dir)
         result.tables.append(Table("Tests marked cuda", [(k, k, "") for k in tests], [tests]))
         result.extra["cuda_tests"] = tests
-    result.notes += [f"{s.dtype}, batch {s.batch_size} x up to {s.max_length} tokens (synthetic E2E-style rows), LoRA "
+    rows_are = "text rows cut to max_length" if s.full_rows else "synthetic E2E-style rows"
+    result.notes += [f"{s.dtype}, batch {s.batch_size} x up to {s.max_length} tokens ({rows_are}), LoRA "
                      f"r=8 on q_proj+v_proj, cut 2 (U-shape: tail 1), gradient checkpointing "
                      f"{'on' if s.gradient_checkpointing else 'off'} for every run; {s.warmup_steps} warm-up steps "
                      f"then {s.steps} timed steps; tokens = input (attention-mask) tokens.",
