@@ -294,3 +294,23 @@ def pyplot():
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def full_length_rows(rows: int, max_length: int, seed: int = 0) -> str:
+    """A JSONL file of ``rows`` ``text`` rows of ``2 * max_length`` words (more than ``max_length`` GPT-2
+    or Llama-3 tokens), so that every batch is exactly batch_size x max_length tokens; removed at exit."""
+    import atexit
+    import random
+    import shutil
+    import tempfile
+
+    rng = random.Random(seed)
+    words = ("the patient was seen in clinic today and reports less pain after the new dose of her "
+             "medication with no fever cough or shortness of breath follow up in two weeks").split()
+    folder = Path(tempfile.mkdtemp(prefix="splitlora-bench-rows-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "rows.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(rows):
+            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=2 * max_length))}) + "\n")
+    return str(path)

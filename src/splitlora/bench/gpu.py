@@ -33,7 +33,7 @@ from ..data.batching import BatchStream
 from ..models.loading import LoadedModel, gpt2_tokenizer, load_model
 from ..models.precision import TORCH_DTYPES, enable_checkpointing
 from .bigmodel import SHAPES, llama3_config
-from .common import BenchResult, Options, Table, Target, apply_sets, log, median
+from .common import BenchResult, Options, Table, Target, apply_sets, full_length_rows, log, median
 from .harness import build, quiet_transformers, synchronize
 
 NAME = "gpu"
@@ -72,31 +72,9 @@ def _model(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
     return loaded
 
 
-def _full_length_rows(s: Settings) -> str:
-    """A JSONL file of ``text`` rows, each cut to ``max_length`` tokens (about 1.5 words per token
-    would do; 2 are written), enough for every client's batches; removed when the process ends."""
-    import atexit
-    import json
-    import random
-    import shutil
-    import tempfile
-
-    rng = random.Random(0)
-    words = ("the patient was seen in clinic today and reports less pain after the new dose of her "
-             "medication with no fever cough or shortness of breath follow up in two weeks").split()
-    folder = Path(tempfile.mkdtemp(prefix="splitlora-bench-gpu-"))
-    atexit.register(shutil.rmtree, folder, True)
-    path = folder / "rows.jsonl"
-    rows = 8 * s.batch_size * (s.warmup_steps + s.steps + 1)
-    with path.open("w", encoding="utf-8") as fh:
-        for _ in range(rows):
-            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=2 * s.max_length))}) + "\n")
-    return str(path)
-
-
 def _config(model: str, s: Settings, device: str, **kw) -> RunConfig:
     if s.full_rows:
-        kw.setdefault("data", _full_length_rows(s))
+        kw.setdefault("data", full_length_rows(8 * s.batch_size * (s.warmup_steps + s.steps + 1), s.max_length))
     return RunConfig(model=model, dtype=s.dtype, batch_size=s.batch_size, max_length=s.max_length,
                      steps=s.warmup_steps + s.steps + 1, warmup_steps=1, aggregate_every=s.steps + s.warmup_steps,
                      synthetic_examples=max(64, 8 * s.batch_size * (s.steps + s.warmup_steps + 1)),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .common import BenchResult, Options, Table, Target, apply_sets, log, pyplot, save_figure
+from .common import BenchResult, Options, Table, Target, apply_sets, full_length_rows, log, pyplot, save_figure
 from .memproc import ProbeSpec, probe_all
 from .scale import memory_key
 
@@ -41,13 +41,19 @@ class Settings:
     target_deployed: float = 1.15  # deployed client peak RSS / (baseline + its tensors)
     # The client of a Llama-3-8B-shaped model truncated to big_blocks blocks (random bf16 weights,
     # written to big_model_dir first if absent; "" = no such rows), one probe per variant:
-    # DTYPE[+ckpt][+nf4|+int8].
+    # DTYPE[+ckpt][+nf4|+int8][@TOKENS] (@: max_length, default big_max_length). The defaults run bf16 and
+    # the quantized bases at 8 x 64: a CPU without bf16 units (AVX512-BF16/AMX) multiplies bf16 ~7x slower
+    # than fp32 (7.3 vs 51.8 GFLOP/s here), ~25 min a step at 8 x 512; fp32@64 pairs them at equal size.
     big_model_dir: str = ""
     big_blocks: int = 6
-    big_variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp32+ckpt", "bf16+ckpt", "bf16+int8",
-                                                             "bf16+nf4"])
+    big_variants: list[str] = field(default_factory=lambda: ["fp32@64", "bf16@64", "bf16+ckpt@64",
+                                                             "bf16+int8@64", "bf16+nf4@64", "fp32", "fp32+ckpt"])
     big_batch_size: int = 8
-    big_max_length: int = 64
+    big_max_length: int = 512  # full rows (bench.common.full_length_rows): 8 x 512 tokens in every batch
+    # Deployed `splitlora client` rows for the 8B-shaped model, one per probe variant named here (its server
+    # in fp32, the fastest on a CPU without bf16 units), each compared with that variant's probe budget.
+    big_deployed: list[str] = field(default_factory=lambda: ["bf16@64", "fp32"])
+    big_deployed_steps: int = 1
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -125,18 +131,22 @@ def run(opts: Options) -> BenchResult:
 def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
     """Peak RSS of the client at cut ``target_cut`` per precision, against its budget: import baseline
     + its part's weights in that dtype + LoRA + AdamW state + peak saved activations."""
+    from ..config import RunConfig
     from .bigmodel import llama3_config, write_random_checkpoint
 
     path = write_random_checkpoint(s.big_model_dir, llama3_config(blocks=s.big_blocks))
+    data = full_length_rows(8 * s.big_batch_size, s.big_max_length)
     rows = []
     for variant in s.big_variants:
-        dtype, *flags = variant.split("+")
+        dtype, *flags = variant.split("@")[0].split("+")
+        max_length = int(variant.split("@")[1]) if "@" in variant else s.big_max_length
         quant = next((f for f in flags if f in ("nf4", "int8")), None)
         spec = ProbeSpec(role="client", model=str(path), cut=s.target_cut, batch_size=s.big_batch_size,
-                         max_length=s.big_max_length, warmup=1, steps=1, threads=opts.threads, device=opts.device,
-                         dtype=dtype, gradient_checkpointing="ckpt" in flags, quantize=quant)
+                         max_length=max_length, warmup=1, steps=1, threads=opts.threads, device=opts.device,
+                         dtype=dtype, gradient_checkpointing="ckpt" in flags, quantize=quant, data=data)
         r = probe_all([spec])[0]  # one at a time: each holds GBs
-        rows.append({"variant": variant, **{k: v for k, v in r.items() if k != "spec"}, "s_per_step": r["seconds"],
+        rows.append({"variant": variant, "tokens": f"{s.big_batch_size} x {max_length}",
+                     **{k: v for k, v in r.items() if k != "spec"}, "s_per_step": r["seconds"],
                      "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": "",
                                                     "big_model_dir": s.big_model_dir, "big_variants": variant})})
         if opts.progress:
@@ -157,15 +167,42 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
         result.targets.append(Target(f"8B-shaped client at cut {s.target_cut}, {r['variant']}: peak RSS / budget",
                                      r["ratio"], s.target_deployed, "<="))
     result.tables.append(Table(
-        f"Client at cut {s.target_cut} of a Llama-3-8B-shaped model ({s.big_blocks} blocks), batch "
-        f"{s.big_batch_size} x up to {s.big_max_length} tokens", [
-            ("variant", "variant", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
+        f"Client at cut {s.target_cut} of a Llama-3-8B-shaped model ({s.big_blocks} blocks), full rows", [
+            ("variant", "variant", ""), ("tokens", "batch x tokens", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
             ("baseline_rss_mib", "import baseline", ",.0f"), ("weights_mib", "part weights", ",.0f"),
             ("lora_mib", "LoRA", ",.1f"), ("optimizer_mib", "AdamW", ",.1f"),
             ("activations_peak_mib", "saved activations", ",.0f"), ("recompute_mib", "+ 1 block recomputed", ",.0f"),
             ("budget_mib", "budget (sum)", ",.0f"),
             ("ratio", "RSS / budget", ".3f"), ("s_per_step", "s/step", ".1f"), ("time_vs_plain", "time vs no ckpt", ".2f"),
             ("rss_saved_mib", "RSS saved by ckpt", ",.0f"), ("command", "command", "code")], rows))
+    deployed = []
+    for variant in s.big_deployed:
+        probe = by.get(variant)
+        if probe is None or "+" in variant:
+            continue  # its budget comes from the probe row of the same variant (a plain dtype)
+        dtype = variant.split("@")[0]
+        max_length = int(variant.split("@")[1]) if "@" in variant else s.big_max_length
+        cfg = RunConfig(model=str(path), clients=1, cut_layer=s.target_cut, batch_size=s.big_batch_size,
+                        max_length=max_length, steps=s.big_deployed_steps, aggregate_every=s.big_deployed_steps,
+                        threads=opts.threads, device=opts.device, dtype=dtype, server_dtype="fp32",
+                        data=data).validate()
+        peak = _deployed_peak(cfg, data)
+        deployed.append({"variant": variant, "tokens": probe["tokens"], "peak_rss_mib": peak, "budget_mib": probe["budget_mib"],
+                         "ratio": peak / probe["budget_mib"],
+                         "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": "",
+                                                        "big_model_dir": s.big_model_dir, "big_variants": variant,
+                                                        "big_deployed": variant})})
+        if opts.progress:
+            log(f"[memory] deployed 8B-shaped client {variant}: peak RSS {peak:,.0f} MiB, budget "
+                f"{probe['budget_mib']:,.0f} MiB")
+        result.targets.append(Target(f"deployed 8B-shaped client at cut {s.target_cut}, {variant}: peak RSS / budget",
+                                     peak / probe["budget_mib"], s.target_deployed, "<="))
+    if deployed:
+        result.tables.append(Table(
+            f"The deployed `splitlora client` process, cut {s.target_cut} of the 8B-shaped model (its server: fp32)", [
+                ("variant", "client dtype", ""), ("tokens", "batch x tokens", ""), ("peak_rss_mib", "client process peak RSS MiB", ",.0f"),
+                ("budget_mib", "budget MiB (probe row)", ",.0f"), ("ratio", "RSS / budget", ".3f"),
+                ("command", "command", "code")], deployed))
     result.notes.append(
         "8B-shaped client: one fresh `memproc` client process per row (lean read of its own tensors: embeddings "
         "128256 x 4096 and blocks 0-1, 2.36B-parameter checkpoint in bf16 on disk), trained against a fake "
@@ -176,14 +213,12 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
 
 def _deployed(s: Settings, opts: Options) -> dict:
     import csv
-    import os
     import tempfile
     from pathlib import Path
 
     from ..config import RunConfig
     from ..data.e2e import synthetic_e2e
     from ..models.lean import lean_skeleton
-    from ..transport.loopback import Loopback
 
     probe = probe_all([ProbeSpec(role="client", model=s.deployed_model, cut=s.target_cut, batch_size=s.batch_size,
                                  max_length=s.max_length, warmup=s.warmup_steps, steps=s.steps,
@@ -199,16 +234,7 @@ def _deployed(s: Settings, opts: Options) -> dict:
             w = csv.writer(fh)
             w.writerow(["mr", "ref"])
             w.writerows([ex.mr, ex.ref] for ex in synthetic_e2e(400, seed=0))
-        with Loopback(cfg, [data], Path(tmp) / "lb") as lb:
-            lb.start_server("--join-timeout", "600")
-            lb.start_client(0, endpoint=lb.endpoint(timeout=600))
-            proc = lb.clients[0]
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident set
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the client exited with {proc.returncode}: {lb.tail(lb.client_log(0))}")
-            lb.wait(lb.server, 600, "server")
-    peak = usage.ru_maxrss / 1024
+        peak = _deployed_peak(cfg, data)
     expected = probe["baseline_rss_mib"] + probe["tensors_mib"]
     if opts.progress:
         log(f"[memory] deployed client {s.deployed_model}: peak RSS {peak:.0f} MiB, expected {expected:.0f} MiB")
@@ -216,6 +242,28 @@ def _deployed(s: Settings, opts: Options) -> dict:
             "baseline_rss_mib": probe["baseline_rss_mib"], "tensors_mib": probe["tensors_mib"],
             "expected_mib": expected, "ratio": peak / expected, "whole_weights_mib": whole,
             "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": s.deployed_model})}
+
+
+def _deployed_peak(cfg, data) -> float:
+    """Peak resident set (MiB) of the `splitlora client` process of a loopback deployment of ``cfg`` with
+    one client reading ``data``: its ``ru_maxrss`` from ``os.wait4``."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ..transport.loopback import Loopback
+
+    with tempfile.TemporaryDirectory(prefix="splitlora-memory-") as tmp, \
+            Loopback(cfg, [data], Path(tmp) / "lb") as lb:
+        lb.start_server("--join-timeout", "3600")
+        lb.start_client(0, endpoint=lb.endpoint(timeout=3600))
+        proc = lb.clients[0]
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident set
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the client exited with {proc.returncode}: {lb.tail(lb.client_log(0))}")
+        lb.wait(lb.server, 3600, "server")
+    return usage.ru_maxrss / 1024
 
 
 def _plot(rows, key, label, s: Settings, opts: Options) -> str:

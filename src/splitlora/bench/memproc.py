@@ -53,6 +53,7 @@ class ProbeSpec:
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     quantize: str | None = None
+    data: str = "synthetic"  # or a data file (e.g. bench.common.full_length_rows for full batches)
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "splitlora.bench.memproc", json.dumps(asdict(self), separators=(",", ":"))]
@@ -160,7 +161,7 @@ def run_probe(spec: ProbeSpec) -> dict:
                     batch_size=spec.batch_size, max_length=spec.max_length, steps=max(spec.warmup, 1) + spec.steps,
                     threads=spec.threads, seed=spec.seed, server_mode=spec.server_mode, device=spec.device,
                     dtype=spec.dtype, gradient_checkpointing=spec.gradient_checkpointing,
-                    quantize=spec.quantize).validate()
+                    quantize=spec.quantize, data=spec.data).validate()
     setup_torch(cfg.seed, cfg.threads)
     if spec.role in ("cen", "splitlora"):
         meta_model, tok, index = lean_skeleton(spec.model)
