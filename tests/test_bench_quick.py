@@ -74,9 +74,9 @@ def test_quick_numbers_are_sane(quick_out):
     assert scale[1]["lora_mib"] > scale[0]["lora_mib"]
 
     memory = json.loads((quick_out / "memory.json").read_text())["tables"][0]["rows"]
-    cen, client = memory[0], memory[1]
-    assert cen["side"] == "whole (cen)" and client["side"] == "client"
-    assert client["weights_mib"] < cen["weights_mib"] and client["tensors_mib"] < cen["tensors_mib"]
+    whole, client = memory[0], memory[1]
+    assert whole["side"] == "whole model" and client["side"] == "client"
+    assert client["weights_mib"] < whole["weights_mib"] and client["tensors_mib"] < whole["tensors_mib"]
 
     wire = json.loads((quick_out / "wire.json").read_text())
     rows_b = {(r["shape"], r["wire_dtype"]): r for r in wire["tables"][0]["rows"]}

@@ -127,9 +127,6 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
 # ---- the algorithm owns its layout -----------------------------------------------------------------
 
 ALGORITHM_NAMES = {"splitlora", "sl", "fed", "cen"}
-# The memory benchmark's probes are roles of a process (cen, splitlora, client, server), named after the
-# algorithm whose weights the process holds; they are left out until the roles get their own names.
-PROBE_ROLES = {"bench/memory.py", "bench/memproc.py"}
 
 
 def _names_an_algorithm(tree: ast.AST) -> list[int]:
@@ -156,7 +153,7 @@ def test_no_algorithm_is_named_outside_algorithms():
     bad = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
-        if rel.parts[0] == "algorithms" or rel.name == "registry.py" or str(rel) in PROBE_ROLES:
+        if rel.parts[0] == "algorithms" or rel.name == "registry.py":
             continue
         bad += [f"{rel}:{line}" for line in _names_an_algorithm(ast.parse(path.read_text()))]
     assert not bad, bad

@@ -133,6 +133,71 @@ def test_parties_may_differ_and_fp16_scales_its_loss(tmp_path, tiny_gpt2):
     assert result.last_loss < result.first_loss
 
 
+@pytest.mark.parametrize("algorithm", ["splitlora", "sl"])
+def test_fp16_resumed_run_keeps_its_loss_scales(tmp_path, tiny_gpt2, algorithm):
+    """fp16: a server that crashes after a checkpoint and resumes from it (what ``serve --resume`` does,
+    here in process: a new server and grid, the same clients, which rewind to their snapshot) trains the
+    adapter an uninterrupted run trains, and every party ends with the same loss scaler state."""
+    from splitlora.algorithms import ALGORITHMS
+    from splitlora.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from splitlora.runtime.loop import Stopped, Totals, run_loop
+    from splitlora.runtime.metrics import MetricsLog
+    from splitlora.simulation.inprocess import InProcessGrid
+
+    cfg = tiny_config(algorithm=algorithm, dtype="fp16", steps=8, clients=2, synthetic_examples=24)
+    checkpoint_at, crash_at = 4, 6
+
+    def scalers(algo, grid):
+        return [algo.server.optimizer.scaler.state_dict(), *(a.optimizer.scaler.state_dict() for a in grid.apps.values())]
+
+    logs = []
+
+    def log(name):
+        (tmp_path / name).mkdir()
+        logs.append(MetricsLog(tmp_path / name))
+        return logs[-1]
+
+    def build():
+        source, _, grid, algo = build_simulation(cfg, tiny_gpt2)
+        for opt in [algo.server.optimizer, *(a.optimizer for a in grid.apps.values())]:
+            # A low scale that doubles every 3 steps: it moves within the run, far from fp16's overflow.
+            opt.scaler.load_state_dict({**opt.scaler.state_dict(), "scale": 2.0 ** 8, "growth_interval": 3})
+        return source, grid, algo
+
+    _, grid, algo = build()
+    run_loop(cfg, algo, log("whole"), progress=False)
+    want_adapter, want_scalers = algo.adapter_state(), scalers(algo, grid)
+    assert all(s["scale"] > 2.0 ** 8 for s in want_scalers)  # every party's scale grew
+
+    class Checkpointer:  # serve's Checkpointer, less the config and metrics it also keeps
+        def due(self, step):
+            return step == checkpoint_at
+
+        def save(self, algo, totals):
+            save_checkpoint(tmp_path / "checkpoint", {"step": totals.step, "algorithm": algo.state_dict()})
+            algo.keep_from = totals.step
+
+    source, grid, algo = build()
+    totals = Totals()
+    with pytest.raises(Stopped):  # the crash: the server's state after step 4 is lost, the clients live on
+        run_loop(cfg, algo, log("crashed"), totals=totals, progress=False,
+                 checkpointer=Checkpointer(), stop=lambda: "crash" if totals.step >= crash_at else None)
+    assert totals.step == crash_at
+    state = load_checkpoint(tmp_path / "checkpoint")
+    assert state["step"] == checkpoint_at and "scaler" in state["algorithm"]["server_optimizer"]
+    grid = InProcessGrid(list(grid.apps.values()), cfg.wire_dtype)
+    algo = ALGORITHMS[cfg.algorithm](cfg, source, grid, algo.device)
+    algo.load_state_dict(state["algorithm"])
+    algo.keep_from = checkpoint_at
+    run_loop(cfg, algo, log("resumed"), totals=Totals(step=checkpoint_at), progress=False)
+    got = algo.adapter_state()
+    assert got.keys() == want_adapter.keys()
+    assert all(torch.equal(got[k], want_adapter[k]) for k in got)
+    assert scalers(algo, grid) == want_scalers
+    for m in logs:
+        m.close()
+
+
 @pytest.mark.cuda
 def test_bf16_split_equals_cen_on_cuda(tmp_path, tiny_gpt2):
     """On a GPU (`splitlora bench gpu` runs it): the bf16 invariant with CUDA kernels."""

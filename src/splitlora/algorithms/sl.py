@@ -5,7 +5,6 @@ client (and keeps a copy: a checkpoint point, and what the next client gets if t
 from __future__ import annotations
 
 from ..messages import Forward, HandIn, HandOut, Handover, Sync
-from ..models.lora import load_lora_state
 from ..runtime.optim import LrClock, bound_handover
 from .base import Algorithm, StepResult, client_keys, weighted_loss
 from .shapes import round_trip
@@ -112,21 +111,13 @@ class SplitLearning(Algorithm):
 
     def state_dict(self) -> dict:
         h = self.handover
-        return {**super().state_dict(), "server_lora": self.server.lora_state(),
-                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
-                "tail_grad_history": list(self.server.influence.history),
+        return {**super().state_dict(), **self.server.state_dict(),
                 "handover": {"state": h.state, "exp_avg": h.exp_avg, "exp_avg_sq": h.exp_avg_sq,
-                             "opt_steps": h.opt_steps},
-                **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
+                             "opt_steps": h.opt_steps}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        load_lora_state(self.server.part, state["server_lora"])
-        self.server.optimizer.load_state_dict(state["server_optimizer"])
-        self.server.rng.load_state_dict(state["server_rng"])
-        if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
-            self.server.dp.load_state_dict(state["server_dp"])
-        self.server.influence.history = [float(x) for x in state.get("tail_grad_history", [])]
+        self.server.load_state_dict(state)
         h = state["handover"]
         self.handover = Handover(h["state"], h["exp_avg"], h["exp_avg_sq"], int(h["opt_steps"]))
         self.holder, self.taken = None, 0

@@ -52,18 +52,8 @@ class SplitLoRA(Algorithm):
         return self.server.optimizer.lr
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "server_lora": self.server.lora_state(),
-                "server_optimizer": self.server.optimizer.state_dict(), "server_rng": self.server.rng.state_dict(),
-                "tail_grad_history": list(self.server.influence.history),
-                **({"server_dp": self.server.dp.state_dict()} if self.server.dp is not None else {})}
+        return {**super().state_dict(), **self.server.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        from ..models.lora import load_lora_state
-
         super().load_state_dict(state)
-        load_lora_state(self.server.part, state["server_lora"])
-        self.server.optimizer.load_state_dict(state["server_optimizer"])
-        self.server.rng.load_state_dict(state["server_rng"])
-        if self.server.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
-            self.server.dp.load_state_dict(state["server_dp"])
-        self.server.influence.history = [float(x) for x in state.get("tail_grad_history", [])]
+        self.server.load_state_dict(state)

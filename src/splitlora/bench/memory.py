@@ -3,8 +3,8 @@
 Why the split exists: a data owner should not need the memory of the whole model. Each row is a
 fresh process (:mod:`splitlora.bench.memproc`) that reads only the weights it holds: ``client``
 (embeddings + blocks 0..K-1 + client LoRA, trained against a fake upstream gradient), ``server``
-(blocks K..L-1, norm, head + server LoRA, fed random activations) and ``cen`` (the whole model, the
-engine's cen algorithm). Same batch, data and LoRA settings for all.
+(blocks K..L-1, norm, head + server LoRA, fed random activations) and ``whole`` (the whole model with
+one LoRA, one party on pooled data). Same batch, data and LoRA settings for all.
 
 The deployed client: the real ``splitlora client`` process of a loopback deployment (one client,
 ``deployed_model``, default a random GPT-2-medium-shaped model of 1.4 GB), whose peak resident set
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .common import BenchResult, Options, Table, Target, apply_sets, full_length_rows, log, pyplot, save_figure
-from .memproc import ProbeSpec, probe_all
+from .memproc import LABELS, ProbeSpec, probe_all
 from .scale import memory_key
 
 NAME = "memory"
@@ -65,7 +65,7 @@ def run(opts: Options) -> BenchResult:
     s = apply_sets(Settings.quick() if opts.quick else Settings(), opts.sets, NAME)
     result = BenchResult(NAME, f"Client memory: client side alone vs the whole model ({s.model})", asdict(s))
     key, label = memory_key(opts)
-    configs = [("cen", s.target_cut, {"cuts": "none", "server_cuts": "none"})]
+    configs = [("whole", s.target_cut, {"cuts": "none", "server_cuts": "none"})]
     configs += [("client", k, {"cuts": k, "server_cuts": "none"}) for k in s.cuts]
     configs += [("server", k, {"cuts": "none", "server_cuts": k}) for k in s.server_cuts]
     specs = [ProbeSpec(role=role, model=s.model, cut=cut, batch_size=s.batch_size, max_length=s.max_length,
@@ -73,25 +73,25 @@ def run(opts: Options) -> BenchResult:
              for role, cut, _ in configs]
     rows = []
     for (role, cut, sets), r in zip(configs, probe_all(specs, s.parallel_probes)):
-        rows.append({"side": "whole (cen)" if role == "cen" else role, "cut": None if role == "cen" else cut,
+        rows.append({"side": LABELS.get(role, role), "cut": None if role == "whole" else cut,
                      **{k: v for k, v in r.items() if k != "spec"}, "command": opts.command(NAME, sets)})
         if opts.progress:
             log(f"[memory] {role} cut {cut}: peak RSS {r['peak_rss_mib']:.0f} MiB "
                 f"({r['peak_above_baseline_mib']:.0f} above baseline), tensors {r['tensors_mib']:.0f} MiB")
-    cen = rows[0]
+    whole = rows[0]
     for row in rows:
-        row["vs_cen"] = row[key] / cen[key] if cen[key] else None
-        row["tensors_vs_cen"] = row["tensors_mib"] / cen["tensors_mib"]
-        row["rss_vs_cen"] = row["peak_rss_mib"] / cen["peak_rss_mib"]
+        row["vs_whole"] = row[key] / whole[key] if whole[key] else None
+        row["tensors_vs_whole"] = row["tensors_mib"] / whole["tensors_mib"]
+        row["rss_vs_whole"] = row["peak_rss_mib"] / whole["peak_rss_mib"]
     target_row = next((r for r in rows if r["side"] == "client" and r["cut"] == s.target_cut), None)
     if target_row is not None:
         result.targets.append(Target(
-            f"client side at cut {s.target_cut} / cen ({label})", target_row["vs_cen"], s.target_fraction, "<=",
-            note=f"tensor bytes {target_row['tensors_vs_cen']:.3f}, total peak RSS {target_row['rss_vs_cen']:.3f}"))
+            f"client side at cut {s.target_cut} / whole model ({label})", target_row["vs_whole"], s.target_fraction,
+            "<=", note=f"tensor bytes {target_row['tensors_vs_whole']:.3f}, total peak RSS {target_row['rss_vs_whole']:.3f}"))
     cols = [("side", "side", ""), ("cut", "cut", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
             ("peak_above_baseline_mib", "above baseline MiB", ",.0f"), ("weights_mib", "weights MiB", ",.0f"),
             ("activations_peak_mib", "activations MiB", ",.0f"), ("tensors_mib", "tensors MiB", ",.0f"),
-            ("vs_cen", "vs cen", ".3f"), ("tensors_vs_cen", "tensors vs cen", ".3f")]
+            ("vs_whole", "vs whole", ".3f"), ("tensors_vs_whole", "tensors vs whole", ".3f")]
     if key == "cuda_peak_mib":
         cols.insert(4, ("cuda_peak_mib", "CUDA peak MiB", ",.0f"))
     result.tables.append(Table("", cols + [("command", "command", "code")], rows))
@@ -99,7 +99,7 @@ def run(opts: Options) -> BenchResult:
                                [("side", "side", ""), ("cut", "cut", ""), ("probe_command", "probe", "code")], rows))
     result.notes += [
         f"batch {s.batch_size}, max_length {s.max_length}, synthetic data, LoRA r=8; {s.warmup_steps} warm-up "
-        f"step(s) + {s.steps} step(s). 'vs cen' compares {label}.",
+        f"step(s) + {s.steps} step(s). 'vs whole' compares {label} with the whole model's.",
         "baseline = resident memory after imports, tokenizer and data, before any weight is read; it is the "
         "same for every role (interpreter + torch + transformers) and is excluded from 'above baseline'.",
         "tensors = unique bytes of weights held + LoRA + AdamW state + peak bytes of tensors saved for "
@@ -275,7 +275,7 @@ def _plot(rows, key, label, s: Settings, opts: Options) -> str:
     ax.bar([i - w / 2 for i in xs], [r[key] for r in rows], w, label=label)
     ax.bar([i + w / 2 for i in xs], [r["tensors_mib"] for r in rows], w, label="tensors (weights+state+activations)")
     ax.axhline(rows[0][key] * s.target_fraction, ls="--", c="grey", lw=1,
-               label=f"{s.target_fraction:.0%} of cen")
+               label=f"{s.target_fraction:.0%} of the whole model")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("MiB")
     ax.set_title(f"peak memory by side, {s.model}, batch {s.batch_size}")

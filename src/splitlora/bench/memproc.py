@@ -3,11 +3,20 @@
 Run as ``python -m splitlora.bench.memproc '{"role": "client", "model": "smollm2-135m", "cut": 2}'``.
 The last line of stdout is ``MEMPROBE {json}``.
 
-Roles: ``cen`` (the engine's cen algorithm), ``splitlora`` (the engine's splitlora with ``clients``
-simulated clients sharing one base model), ``client`` (only the client side: embeddings and blocks
-0..K-1 with LoRA, trained against a fake upstream gradient), ``server`` (only the server side, fed
-random activations). Every role loads exactly the weights it holds (:mod:`splitlora.bench.lean`),
-so no whole-model load transient is in its peak.
+Roles, named after what the process holds (:data:`ROLES`):
+
+* ``whole``: the whole model with one LoRA, one party training on the pooled rows (the engine's
+  algorithm whose party pools the data);
+* ``simulation``: the in-process split simulation, ``clients`` simulated clients sharing one base
+  model, and the server (the engine's split algorithm in which every client steps);
+* ``client``: only the client side (embeddings and blocks 0..K-1 with LoRA), trained against a fake
+  upstream gradient;
+* ``server``: only the server side, fed random activations.
+
+The algorithm a role runs is chosen by its attributes in the registry (:func:`role_algorithm`); the
+names of those algorithms are accepted as the old names of ``whole`` and ``simulation``. Every role
+loads exactly the weights it holds (:mod:`splitlora.models.lean`), so no whole-model load transient
+is in its peak.
 
 Memory reported:
 
@@ -35,10 +44,39 @@ from ..device import peak_rss_mib, rss_mib
 
 PREFIX = "MEMPROBE "
 
+ROLES = ("whole", "simulation", "client", "server")
+LABELS = {"whole": "whole model"}  # a role as a table shows it (others: the role itself)
+
+
+def role_algorithm(role: str) -> str:
+    """The registered algorithm whose parties a ``role``'s process holds: for ``whole``, the first whose
+    one party holds the whole model and pools the data; for the split roles, the first that splits the
+    model (a server part) with every client stepping at every step."""
+    from ..registry import ALGORITHMS
+
+    if role == "whole":
+        fits = lambda a: a.whole_clients and a.pools_data  # noqa: E731
+    else:
+        fits = lambda a: a.holds_server_part and not a.whole_clients and a.every_client_steps  # noqa: E731
+    found = next((name for name in ALGORITHMS if fits(ALGORITHMS[name])), None)
+    if found is None:
+        raise ValueError(f"no registered algorithm runs the memory probe's {role!r} role")
+    return found
+
+
+def canonical_role(role: str) -> str:
+    """``role``, or the role an older name (the algorithm it ran) stands for."""
+    if role in ROLES:
+        return role
+    old = {role_algorithm(r): r for r in ("whole", "simulation")}
+    if role not in old:
+        raise ValueError(f"memory probe role must be one of {', '.join(ROLES)} (got {role!r})")
+    return old[role]
+
 
 @dataclass
 class ProbeSpec:
-    role: str = "cen"  # cen | splitlora | client | server
+    role: str = "whole"  # one of ROLES
     model: str = "tiny-gpt2"
     cut: int = 2
     clients: int = 1
@@ -54,6 +92,9 @@ class ProbeSpec:
     gradient_checkpointing: bool = False
     quantize: str | None = None
     data: str = "synthetic"  # or a data file (e.g. bench.common.full_length_rows for full batches)
+
+    def __post_init__(self):
+        self.role = canonical_role(self.role)
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "splitlora.bench.memproc", json.dumps(asdict(self), separators=(",", ":"))]
@@ -156,14 +197,14 @@ def run_probe(spec: ProbeSpec) -> dict:
 
     quiet_transformers()
     cuda = spec.device.startswith("cuda")
-    algorithm = {"client": "splitlora", "server": "splitlora"}.get(spec.role, spec.role)
+    algorithm = role_algorithm(spec.role)
     cfg = RunConfig(algorithm=algorithm, model=spec.model, clients=spec.clients, cut_layer=spec.cut,
                     batch_size=spec.batch_size, max_length=spec.max_length, steps=max(spec.warmup, 1) + spec.steps,
                     threads=spec.threads, seed=spec.seed, server_mode=spec.server_mode, device=spec.device,
                     dtype=spec.dtype, gradient_checkpointing=spec.gradient_checkpointing,
                     quantize=spec.quantize, data=spec.data).validate()
     setup_torch(cfg.seed, cfg.threads)
-    if spec.role in ("cen", "splitlora"):
+    if spec.role in ("whole", "simulation"):
         meta_model, tok, index = lean_skeleton(spec.model)
         data = prepare_data(cfg, tok)
         baseline = rss_mib()
@@ -174,7 +215,7 @@ def run_probe(spec: ProbeSpec) -> dict:
         weights_rss = rss_mib() - baseline
         source = SharedModel(LoadedModel(whole, tok, str(index.model_dir)), cfg, spec.device)
         grid = InProcessGrid(client_apps(cfg, source, data, spec.device), cfg.wire_dtype)
-        algo = ALGORITHMS[spec.role](cfg, source, grid, spec.device)
+        algo = ALGORITHMS[algorithm](cfg, source, grid, spec.device)
         algo.join(0)
         counter = TokenCounter(grid.apps.values())
         step = algo.step

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .common import BenchResult, Options, Table, Target, apply_sets, log, pyplot, save_figure
-from .memproc import ProbeSpec, probe_all
+from .memproc import ProbeSpec, probe_all, role_algorithm
 
 NAME = "scale"
 
@@ -46,10 +46,10 @@ def memory_key(opts: Options) -> tuple[str, str]:
 
 def run(opts: Options) -> BenchResult:
     s = apply_sets(Settings.quick() if opts.quick else Settings(), opts.sets, NAME)
-    result = BenchResult(NAME, f"Scale in clients: splitlora with {', '.join(map(str, s.client_counts))} simulated "
-                               f"clients ({s.model})", asdict(s))
+    result = BenchResult(NAME, f"Scale in clients: {role_algorithm('simulation')} with "
+                               f"{', '.join(map(str, s.client_counts))} simulated clients ({s.model})", asdict(s))
     key, label = memory_key(opts)
-    specs = [ProbeSpec(role="splitlora", model=s.model, clients=n, batch_size=s.batch_size,
+    specs = [ProbeSpec(role="simulation", model=s.model, clients=n, batch_size=s.batch_size,
                        max_length=s.max_length, warmup=s.warmup_steps,
                        steps=max(s.steps, math.ceil(s.min_timed_batches / n)), threads=opts.threads,
                        device=opts.device, server_mode=s.server_mode) for n in s.client_counts]

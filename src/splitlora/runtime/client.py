@@ -261,6 +261,9 @@ class ClientApp:
 
     @handles(HandOut)
     def _hand_out(self, cmd: HandOut) -> Handover:
+        # The end of an sl turn, a point the server may resume at. The moments leave with the hand-over
+        # and a HandIn brings them back, so the snapshot keeps the rest (RNG, loss scale) and stays small.
+        self.snapshots[self.batches] = self._snapshot(moments=False)
         exp_avg, exp_avg_sq = self.optimizer.moments()
         return Handover(lora_state(self.part), exp_avg, exp_avg_sq, self.optimizer.steps)
 
@@ -300,8 +303,11 @@ class ClientApp:
             load_lora_state(self.part, cmd.state)
         self.snapshots.setdefault(self.batches, self._snapshot())
 
-    def _snapshot(self) -> dict:
-        snap = {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.state_dict()}
+    def _snapshot(self, moments: bool = True) -> dict:
+        state = self.optimizer.state_dict()
+        if not moments:
+            state = {k: v for k, v in state.items() if k not in ("opt", "sched")}
+        snap = {"optimizer": copy.deepcopy(state), "rng": self.rng.state_dict()}
         if self.dp is not None:
             snap["dp"] = self.dp.state_dict()
         return snap

@@ -105,12 +105,20 @@ class Optimizer:
 
     # ---- persistence and travel -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "steps": self.steps}
+        state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "steps": self.steps}
+        if self.scaler.is_enabled():  # fp16: the scale and its growth count, or a resumed run scales differently
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(copy.deepcopy(state["opt"]))
-        self.sched.load_state_dict(state["sched"])
-        self.steps = int(state["steps"])
+        if "opt" in state:
+            self.opt.load_state_dict(copy.deepcopy(state["opt"]))
+            self.sched.load_state_dict(state["sched"])
+            self.steps = int(state["steps"])
+        else:  # kept without its moments (they left with an sl hand-over): fresh ones, the schedule at its step
+            self.restart_at(int(state["steps"]))
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def _adamw(self) -> torch.optim.AdamW:
         return torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=BETAS, weight_decay=self.cfg.weight_decay)

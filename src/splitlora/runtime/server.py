@@ -33,7 +33,7 @@ from ..config import RunConfig
 from ..data.batching import IGNORE
 from ..device import PartyRng, party_seed
 from ..messages import Activations, Backward, Tail, TailGrad
-from ..models.lora import lora_state
+from ..models.lora import load_lora_state, lora_state
 from ..models.precision import compute_dtype
 from ..models.split import server_forward
 from ..privacy.dpsgd import DpSgd, party_bound, per_example_losses
@@ -99,6 +99,25 @@ class SplitServer:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return lora_state(self.part)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a server checkpoint keeps of the main server: its adapter, optimiser, RNG, the tail
+        gradients' reference and DP-SGD's noise stream. The keys sit at the top of the algorithm's
+        checkpoint, as they always have."""
+        state = {"server_lora": self.lora_state(), "server_optimizer": self.optimizer.state_dict(),
+                 "server_rng": self.rng.state_dict(), "tail_grad_history": list(self.influence.history)}
+        if self.dp is not None:
+            state["server_dp"] = self.dp.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        load_lora_state(self.part, state["server_lora"])
+        self.optimizer.load_state_dict(state["server_optimizer"])
+        self.rng.load_state_dict(state["server_rng"])
+        if self.dp is not None and "server_dp" in state:  # DP-SGD noise never repeats after a resume
+            self.dp.load_state_dict(state["server_dp"])
+        self.influence.history = [float(x) for x in state.get("tail_grad_history", [])]
 
     def _observe(self, kind: str, ups) -> "contextlib.ExitStack":
         return observe(self.hooks, Work("server", kind, ups[0][1].step, tuple(tuple(a.hidden.shape) for _, a, *_ in ups),
