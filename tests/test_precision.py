@@ -7,6 +7,7 @@ the same ops: gradients equal those without it exactly.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -234,3 +235,34 @@ def _served_equals_train(tmp_path, tiny_gpt2, device: str) -> float:
 def test_served_over_grpc_equals_train_on_cuda(tmp_path, tiny_gpt2):
     """On a GPU: the deployed commands with `--device cuda` (server and clients) train what `train` does."""
     assert _served_equals_train(tmp_path, tiny_gpt2, "cuda") <= 1e-3  # as above: CUDA reductions may differ
+
+
+@pytest.mark.parametrize("shape", [{}, {"split_shape": "u-shape", "tail_layers": 1}], ids=["two-part", "u-shape"])
+def test_fp16_overflow_at_the_server_lowers_its_scale_and_loses_no_step(tmp_path, tiny_gpt2, shape):
+    """A server scale far beyond fp16's range overflows its backward: the scale is halved and the batch
+    redone until it fits, so every party takes every step a run that started at a fitting scale takes
+    (no client refused, no step lost), and the adapter stays finite."""
+    from splitlora.runtime.loop import run_loop
+    from splitlora.runtime.metrics import MetricsLog
+
+    cfg = tiny_config(algorithm="splitlora", dtype="fp16", steps=4, clients=2, synthetic_examples=24, **shape)
+
+    def run(name, scale=None):
+        _, _, grid, algo = build_simulation(cfg, tiny_gpt2)
+        if scale is not None:
+            scaler = algo.server.optimizer.scaler
+            scaler.load_state_dict({**scaler.state_dict(), "scale": scale})
+        (tmp_path / name).mkdir()
+        log = MetricsLog(tmp_path / name)
+        totals = run_loop(cfg, algo, log, progress=False)
+        log.close()
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [algo.server.optimizer.steps, *(app.optimizer.steps for app in grid.apps.values())]
+        return algo, totals, rows, steps
+
+    _, _, _, want_steps = run("fitting")
+    algo, totals, rows, steps = run("overflowing", scale=2.0 ** 40)  # fp16 tops out near 2^16
+    assert 1.0 < algo.server.optimizer.loss_scale <= 2.0 ** 20
+    assert totals.step == cfg.steps and steps == want_steps
+    assert not [r for r in rows if r.get("refused")], "an overflow of the server's scale refused a client"
+    assert all(torch.isfinite(t).all() for t in algo.adapter_state().values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
@@ -40,7 +41,7 @@ class Optimizer:
 
         device = next((p.device.type for p in self.params), "cpu")
         self.scaler = torch.amp.GradScaler(device, enabled=compute_dtype(module) == torch.float16)
-        self._unscaled = False
+        self._unscaled = self._overflow = False
 
     def _schedule(self):
         return get_linear_schedule_with_warmup(self.opt, min(self.cfg.warmup_steps, self.total_steps),
@@ -77,7 +78,15 @@ class Optimizer:
         if not grads:
             return True
         worst = float(torch.nn.utils.get_total_norm(grads, norm_type=float("inf")))  # NaN and inf stay so
+        self._overflow = not math.isfinite(worst)
         return worst <= self.MAX_GRAD
+
+    def overflowed(self) -> bool:
+        """fp16: whether the gradients :meth:`grads_ok` just refused overflowed at a scale that can still
+        be lowered. Then :meth:`zero_grad` halves the scale and the caller redoes its backward, so the
+        scale, not a client's batch, pays for it (GradScaler's policy, without losing the step); at
+        scale 1 a non-finite gradient is the batch's own."""
+        return self.scaler.is_enabled() and self._overflow and self.loss_scale > 1.0
 
     def zero_grad(self) -> None:
         if self._unscaled:  # fp16: a step given up after unscaling (an overflow) lowers the scale

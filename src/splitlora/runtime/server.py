@@ -147,6 +147,9 @@ class SplitServer:
                         self.optimizer.step()
                         return self._replies(ups, self.optimizer.unscale(hidden.grad, scale),
                                              float(loss.detach())), refused
+                    if self.optimizer.overflowed():  # fp16: the scale's fault; halved, the batch is redone
+                        self.optimizer.zero_grad()
+                        continue
                     bad = self._culprits([c for c, _ in ups], self._two_part_alone(ups))
                 self.optimizer.zero_grad()
                 if self.dp is not None:
@@ -258,9 +261,15 @@ class SplitServer:
                 # and the step is taken without it. Without this, one client's tail gradient got
                 # every client of a batched step dropped (issue 11).
                 scale, opt = self.optimizer.loss_scale, self.optimizer
-                out.backward(opt.scale(self._upstream(out, live, grads, share), out.dtype), retain_graph=len(live) > 1)
+                fp16 = opt.scaler.is_enabled()  # an overflow is redone at a lower scale: keep the graph
+                out.backward(opt.scale(self._upstream(out, live, grads, share), out.dtype),
+                             retain_graph=len(live) > 1 or fp16)
                 if self.optimizer.grads_ok():
                     return self._tail_replies(hidden, live, grads, share, scale), refused
+                if opt.overflowed():
+                    opt.zero_grad()
+                    hidden.grad = None
+                    continue
                 bad = [live[0][0]] if len(live) == 1 else self._culprits(
                     [c for c, _, _ in live],
                     lambda i: out.backward(opt.scale(self._upstream(out, [live[i]], grads, {live[i][0]: 1.0}), out.dtype),
