@@ -190,3 +190,13 @@ def peak_rss_mib() -> float:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         kib = kib / 1024 if sys.platform == "darwin" else kib
     return kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_mib` again from the current resident set (Linux's ``clear_refs`` 5), so
+    that one phase's peak can be told from an earlier one's; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None

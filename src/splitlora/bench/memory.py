@@ -160,6 +160,7 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
         r["recompute_mib"] = plain["activations_peak_mib"] / s.target_cut if plain else 0.0
         r["budget_mib"] = r["baseline_rss_mib"] + r["tensors_mib"] + r["recompute_mib"]
         r["ratio"] = r["peak_rss_mib"] / r["budget_mib"]
+        r["train_ratio"] = r["train_peak_rss_mib"] / r["budget_mib"] if r.get("train_peak_rss_mib") else None
         if plain:  # checkpointing's cost in time and what it saves, against the same dtype without it
             r["time_vs_plain"] = r["s_per_step"] / plain["s_per_step"]
             r["activations_saved_mib"] = plain["activations_peak_mib"] - r["activations_peak_mib"] - r["recompute_mib"]
@@ -169,11 +170,13 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
     result.tables.append(Table(
         f"Client at cut {s.target_cut} of a Llama-3-8B-shaped model ({s.big_blocks} blocks), full rows", [
             ("variant", "variant", ""), ("tokens", "batch x tokens", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
+            ("load_peak_rss_mib", "peak loading", ",.0f"), ("train_peak_rss_mib", "peak training", ",.0f"),
             ("baseline_rss_mib", "import baseline", ",.0f"), ("weights_mib", "part weights", ",.0f"),
             ("lora_mib", "LoRA", ",.1f"), ("optimizer_mib", "AdamW", ",.1f"),
             ("activations_peak_mib", "saved activations", ",.0f"), ("recompute_mib", "+ 1 block recomputed", ",.0f"),
             ("budget_mib", "budget (sum)", ",.0f"),
-            ("ratio", "RSS / budget", ".3f"), ("s_per_step", "s/step", ".1f"), ("time_vs_plain", "time vs no ckpt", ".2f"),
+            ("ratio", "RSS / budget", ".3f"), ("train_ratio", "training / budget", ".3f"),
+            ("s_per_step", "s/step", ".1f"), ("time_vs_plain", "time vs no ckpt", ".2f"),
             ("rss_saved_mib", "RSS saved by ckpt", ",.0f"), ("command", "command", "code")], rows))
     deployed = []
     for variant in s.big_deployed:

@@ -20,7 +20,8 @@ is in its peak.
 
 Memory reported:
 
-* ``peak_rss_mib``: the process's peak resident set (``VmHWM``, else ``ru_maxrss``);
+* ``peak_rss_mib``: the process's peak resident set (``VmHWM``, else ``ru_maxrss``); on Linux also
+  ``load_peak_rss_mib`` (up to the part being loaded) and ``train_peak_rss_mib`` (the steps after);
 * ``baseline_rss_mib``: resident set after imports, tokenizer and data, before any weight is read:
   the interpreter, torch and transformers (the same for every role);
 * ``peak_above_baseline_mib``: the difference: what this role's model, adapters, optimiser and
@@ -40,7 +41,7 @@ import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..device import peak_rss_mib, rss_mib
+from ..device import peak_rss_mib, reset_peak_rss, rss_mib
 
 PREFIX = "MEMPROBE "
 
@@ -263,6 +264,9 @@ def run_probe(spec: ProbeSpec) -> dict:
     def count():
         return counter.input_tokens
 
+    # Loading has its own peak (a block read before it is cast or quantized): kept apart from training's.
+    load_peak = peak_rss_mib()
+    phases = reset_peak_rss()
     modules, optimizers = _modules_and_optimizers(holders)
     weights = _storages(t for m in modules for t in (*m.parameters(), *m.buffers()) if not t.requires_grad)
     meter = SavedTensorMeter(set(weights))
@@ -282,10 +286,13 @@ def run_probe(spec: ProbeSpec) -> dict:
     lora = _storages(t for m in modules for t in m.parameters() if t.requires_grad)
     opt_state = _storages(v for o in optimizers for st in o.state.values() for v in st.values()
                           if isinstance(v, torch.Tensor))
-    peak = peak_rss_mib()
+    train_peak = peak_rss_mib()
+    peak = max(load_peak, train_peak) if phases else train_peak
     out = {
         "spec": asdict(spec),
         "peak_rss_mib": peak,
+        "load_peak_rss_mib": load_peak if phases else None,
+        "train_peak_rss_mib": train_peak if phases else None,
         "baseline_rss_mib": baseline,
         "peak_above_baseline_mib": peak - baseline,
         "weights_rss_mib": weights_rss,
