@@ -145,8 +145,7 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
                          max_length=max_length, warmup=1, steps=1, threads=opts.threads, device=opts.device,
                          dtype=dtype, gradient_checkpointing="ckpt" in flags, quantize=quant, data=data)
         r = probe_all([spec])[0]  # one at a time: each holds GBs
-        rows.append({"variant": variant, "tokens": f"{s.big_batch_size} x {max_length}",
-                     **{k: v for k, v in r.items() if k != "spec"}, "s_per_step": r["seconds"],
+        rows.append({"variant": variant, **{k: v for k, v in r.items() if k != "spec"}, "s_per_step": r["seconds"],
                      "command": opts.command(NAME, {"cuts": "none", "server_cuts": "none", "deployed_model": "",
                                                     "big_model_dir": s.big_model_dir, "big_variants": variant})})
         if opts.progress:
@@ -169,7 +168,7 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
                                      r["ratio"], s.target_deployed, "<="))
     result.tables.append(Table(
         f"Client at cut {s.target_cut} of a Llama-3-8B-shaped model ({s.big_blocks} blocks), full rows", [
-            ("variant", "variant", ""), ("tokens", "batch x tokens", ""), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
+            ("variant", "variant", ""), ("tokens", "tokens/step", ",.0f"), ("peak_rss_mib", "peak RSS MiB", ",.0f"),
             ("load_peak_rss_mib", "peak loading", ",.0f"), ("train_peak_rss_mib", "peak training", ",.0f"),
             ("baseline_rss_mib", "import baseline", ",.0f"), ("weights_mib", "part weights", ",.0f"),
             ("lora_mib", "LoRA", ",.1f"), ("optimizer_mib", "AdamW", ",.1f"),
@@ -203,7 +202,7 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
     if deployed:
         result.tables.append(Table(
             f"The deployed `splitlora client` process, cut {s.target_cut} of the 8B-shaped model (its server: fp32)", [
-                ("variant", "client dtype", ""), ("tokens", "batch x tokens", ""), ("peak_rss_mib", "client process peak RSS MiB", ",.0f"),
+                ("variant", "client dtype", ""), ("tokens", "probe's tokens/step", ",.0f"), ("peak_rss_mib", "client process peak RSS MiB", ",.0f"),
                 ("budget_mib", "budget MiB (probe row)", ",.0f"), ("ratio", "RSS / budget", ".3f"),
                 ("command", "command", "code")], deployed))
     result.notes.append(
