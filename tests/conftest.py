@@ -33,6 +33,16 @@ def tiny_config(**overrides):
     return RunConfig.from_dict(base)
 
 
+@pytest.fixture
+def no_java(monkeypatch):
+    """Score without Java: each METEOR or PTB-tokenizer JVM costs seconds to start (20 s on a loaded
+    2-core machine). The Java metrics are checked on real data in test_metrics.py."""
+    import shutil
+
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else real(name, *a, **k))
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     from splitlora.models.loading import load_model

@@ -153,20 +153,22 @@ def test_busy_refusals_cost_the_honest_client_nothing(tmp_path, csvs, solo, late
 
 
 def test_client_holding_every_barrier_is_dropped_at_the_others_pace(tmp_path, csvs, solo, later):
-    """A client that answers every command just before --client-timeout (10 s here) used to hold every
+    """A client that answers every command just before --client-timeout (4 s here) used to hold every
     step's barrier that long, unpunished (216x the honest wall time over 4 steps). The straggler rule
     drops it once its reply is later than straggler_floor + straggler_factor x the lower median of the
     run's recent answer times; it may rejoin at a round boundary and is dropped again at its first stall.
     The run finishes with the honest client's adapter alone (the attacker's work never got in)."""
     cfg = attack_config()
-    stall = 0.9 * FAST["client_timeout"]
+    timeout = 4.0  # not FAST's 10 s: the attacker's stalls (and its thread's last one, at teardown) are waited out
+    stall = 0.9 * timeout
 
     def hold(command, reply):
         if isinstance(command, Forward):
             time.sleep(stall)
         return reply
 
-    server = start_server(cfg, tmp_path / "server", later, straggler_factor=2.0, straggler_floor=0.5)
+    server = start_server(cfg, tmp_path / "server", later, client_timeout=timeout, straggler_factor=2.0,
+                          straggler_floor=0.5)
     errors, attacker_errors = [], []
     tampering_client(server.port, csvs[0], later, attacker_errors, hold)
     honest = start_honest(server, csvs[1], later, errors)

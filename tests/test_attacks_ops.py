@@ -78,6 +78,7 @@ def futures_pool():
 
 # ==== 6, 7. processes: port sharing, log lines ===================================================================
 
+@pytest.mark.slow  # two real `splitlora serve` processes and a `client` one
 def test_a_second_server_cannot_take_the_port(tmp_path, csvs, solo):
     """Finding 6: a second `splitlora serve` on the port of a running one refuses to start (exit 2,
     one line) instead of sharing it (SO_REUSEPORT) and taking some of its clients; the first one's run
@@ -109,6 +110,7 @@ def test_a_second_server_cannot_take_the_port(tmp_path, csvs, solo):
     assert diff == 0
 
 
+@pytest.mark.slow  # a real `splitlora serve` process and a `client` one
 def test_leave_reason_cannot_forge_log_lines(tmp_path, csvs, solo):
     """Finding 7: a Leave reason with newlines, a carriage return and terminal escapes is logged on one
     line, escaped; no forged line appears in the server's log. The run goes on with the honest

@@ -95,6 +95,7 @@ def test_bad_flag_and_set(tmp_path):
     assert_user_error(run_cli("train", "--set", "novalue", "--out", str(tmp_path)), "key=value")
 
 
+@pytest.mark.slow  # the real command, in its own interpreter
 def test_train_writes_config_metrics_and_adapter(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", *FAST, "--steps", "2", "--clients", "2", "--rank", "4", "--set",

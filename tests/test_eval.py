@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,12 +20,8 @@ KEYS = {"bleu", "nist", "meteor", "rouge_l", "cider", "perplexity", "perplexity_
         "seconds_generate", "seconds_perplexity", "seconds_score", "data", "split"}
 
 
-@pytest.fixture(autouse=True)
-def no_java(monkeypatch):
-    """Score without Java here: each METEOR or PTB-tokenizer JVM costs seconds to start, and what these
-    tests check is the plumbing. The Java metrics are checked on real data in test_metrics.py."""
-    real = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else real(name, *a, **k))
+# What these tests check is the plumbing: they score without Java (conftest.no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
 
 
 @pytest.fixture(scope="module")

@@ -307,6 +307,7 @@ def test_load_real_references(e2e_refs):
     assert mrs[0] == "name[Blue Spice], eatType[coffee shop], area[city centre]"
 
 
+@pytest.mark.slow  # METEOR's JVM over three full systems
 @needs_data
 @needs_java
 def test_real_system_outputs(e2e_refs):
@@ -342,6 +343,7 @@ def test_real_scores_without_java(monkeypatch):
         assert res[key] == pytest.approx(MEASURED["tgen-std"][key], abs=1e-5), key
 
 
+@pytest.mark.slow  # the Java PTB tokenizer (a JVM) over the test and dev references
 @needs_data
 @needs_java
 def test_python_ptb_tokenizer_matches_java_on_e2e(e2e_refs):

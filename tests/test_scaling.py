@@ -104,6 +104,7 @@ def _quantized_run(tmp_path, device):
     return train(cfg, tmp_path / "run", progress=False, loaded=loaded), kinds, lora
 
 
+@pytest.mark.slow  # bitsandbytes is in the test-slow extra (125 MB)
 def test_a_quantized_base_trains_on_the_cpu(tmp_path):
     """bitsandbytes' CPU backend: LoRA trains through an NF4 (client) and an int8 (server) frozen base."""
     result, kinds, lora = _quantized_run(tmp_path, "cpu")
@@ -118,6 +119,7 @@ def test_a_quantized_base_trains_on_cuda(tmp_path):
     assert result.last_loss < result.first_loss
 
 
+@pytest.mark.slow  # a child pytest, nine timed runs in bf16 (slow on a CPU without bf16 units)
 def test_bench_gpu_dry_run(tmp_path, monkeypatch):
     """`splitlora bench gpu --dry-run`: the GPU check's own code, on the CPU on a tiny Llama-3-shaped model."""
     from splitlora.cli import main
@@ -191,6 +193,7 @@ def test_deployed_parties_in_their_dtypes_match_the_simulation(tmp_path, tiny_gp
     assert max_abs_diff(adapter(sim.adapter_dir), adapter(out["adapter_dir"])) <= 1e-6
 
 
+@pytest.mark.slow  # bitsandbytes is in the test-slow extra
 def test_a_lean_quantized_part_is_read_block_by_block_and_equals_the_simulation(sharded, monkeypatch):
     """Lean + nf4: each block is quantized as soon as it is read (never the whole part unquantized),
     and the result computes what the simulation's quantized part computes."""
