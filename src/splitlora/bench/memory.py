@@ -41,18 +41,19 @@ class Settings:
     target_deployed: float = 1.15  # deployed client peak RSS / (baseline + its tensors)
     # The client of a Llama-3-8B-shaped model truncated to big_blocks blocks (random bf16 weights,
     # written to big_model_dir first if absent; "" = no such rows), one probe per variant:
-    # DTYPE[+ckpt][+nf4|+int8][@TOKENS] (@: max_length, default big_max_length). The defaults run bf16 and
-    # the quantized bases at 8 x 64: a CPU without bf16 units (AVX512-BF16/AMX) multiplies bf16 ~7x slower
-    # than fp32 (7.3 vs 51.8 GFLOP/s here), ~25 min a step at 8 x 512; fp32@64 pairs them at equal size.
-    big_model_dir: str = ""
-    big_blocks: int = 6
-    big_variants: list[str] = field(default_factory=lambda: ["fp32@64", "bf16@64", "bf16+ckpt@64",
-                                                             "bf16+int8@64", "bf16+nf4@64", "fp32", "fp32+ckpt"])
+    # DTYPE[+ckpt][+nf4|+int8][@TOKENS] (@: max_length, default big_max_length). fp32 runs at 8 x 512 (and
+    # at 8 x 64, beside the others); bf16 and the quantized bases (bitsandbytes dequantizes to bf16) at 8 x 64,
+    # and only where the CPU has bf16 units: without AVX512-BF16/AMX, torch's backward matmul in bf16 falls
+    # back to a portable GEMM (a step at 8 x 8 tokens took 293 s here, fp32 at 8 x 64 14.5 s).
+    big_variants: list[str] = field(default_factory=lambda: ["fp32@64", "fp32", "fp32+ckpt", "bf16@64",
+                                                             "bf16+ckpt@64", "bf16+int8@64", "bf16+nf4@64"])
     big_batch_size: int = 8
     big_max_length: int = 512  # full rows (bench.common.full_length_rows): 8 x 512 tokens in every batch
     # Deployed `splitlora client` rows for the 8B-shaped model, one per probe variant named here (its server
     # in fp32, the fastest on a CPU without bf16 units), each compared with that variant's probe budget.
-    big_deployed: list[str] = field(default_factory=lambda: ["bf16@64", "fp32"])
+    # (at 8 x 512 its fp32 server, 4 blocks + the 128256 x 4096 head, would take ~11 min a step on 2 cores:
+    # ~3.4e13 FLOP at the ~50 GFLOP/s measured for an fp32 linear here)
+    big_deployed: list[str] = field(default_factory=lambda: ["fp32@64", "bf16@64"])
     big_deployed_steps: int = 1
 
     @classmethod
