@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -296,6 +297,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@functools.lru_cache(maxsize=None)  # one file per shape and process: every run of a benchmark reads the same rows
 def full_length_rows(rows: int, max_length: int, seed: int = 0) -> str:
     """A JSONL file of ``rows`` ``text`` rows of ``2 * max_length`` words (more than ``max_length`` GPT-2
     or Llama-3 tokens), so that every batch is exactly batch_size x max_length tokens; removed at exit."""
