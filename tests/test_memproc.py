@@ -39,3 +39,16 @@ def test_one_probe_per_role():
     assert got["client"]["weights_mib"] < got["whole"]["weights_mib"]
     assert got["server"]["weights_mib"] < got["whole"]["weights_mib"]
     assert got["simulation"]["lora_mib"] > got["whole"]["lora_mib"]  # two clients' LoRA and the server's
+
+
+def test_the_8b_rows_settings_parse():
+    """`bench memory --set big_model_dir=... --set big_variants=...` (docs/scaling.md's commands) are
+    accepted, and a variant names its dtype, flags and tokens."""
+    from splitlora.bench.common import apply_sets
+    from splitlora.bench.memory import Settings, _variant
+
+    s = apply_sets(Settings(), {"big_model_dir": "/tmp/llama3-8b-6", "big_variants": "fp32,bf16+ckpt@64",
+                                "big_deployed": "fp32@64"}, "memory")
+    assert (s.big_model_dir, s.big_variants, s.big_deployed) == ("/tmp/llama3-8b-6", ["fp32", "bf16+ckpt@64"],
+                                                                 ["fp32@64"])
+    assert [_variant(v, s.big_max_length) for v in s.big_variants] == [("fp32", [], 512), ("bf16", ["ckpt"], 64)]

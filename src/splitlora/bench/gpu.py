@@ -73,11 +73,12 @@ def _model(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
 
 
 def _config(model: str, s: Settings, device: str, **kw) -> RunConfig:
+    rows = 8 * s.batch_size * (s.warmup_steps + s.steps + 1)  # enough for 4 clients' batches
     if s.full_rows:
-        kw.setdefault("data", full_length_rows(8 * s.batch_size * (s.warmup_steps + s.steps + 1), s.max_length))
+        kw.setdefault("data", full_length_rows(rows, s.max_length))
     return RunConfig(model=model, dtype=s.dtype, batch_size=s.batch_size, max_length=s.max_length,
                      steps=s.warmup_steps + s.steps + 1, warmup_steps=1, aggregate_every=s.steps + s.warmup_steps,
-                     synthetic_examples=max(64, 8 * s.batch_size * (s.steps + s.warmup_steps + 1)),
+                     synthetic_examples=max(64, rows),
                      gradient_checkpointing=s.gradient_checkpointing, device=device, **kw).validate()
 
 

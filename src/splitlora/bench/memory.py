@@ -45,6 +45,8 @@ class Settings:
     # at 8 x 64, beside the others); bf16 and the quantized bases (bitsandbytes dequantizes to bf16) at 8 x 64,
     # and only where the CPU has bf16 units: without AVX512-BF16/AMX, torch's backward matmul in bf16 falls
     # back to a portable GEMM (a step at 8 x 8 tokens took 293 s here, fp32 at 8 x 64 14.5 s).
+    big_model_dir: str = ""
+    big_blocks: int = 6
     big_variants: list[str] = field(default_factory=lambda: ["fp32@64", "fp32", "fp32+ckpt", "bf16@64",
                                                              "bf16+ckpt@64", "bf16+int8@64", "bf16+nf4@64"])
     big_batch_size: int = 8
@@ -129,6 +131,13 @@ def run(opts: Options) -> BenchResult:
     return result
 
 
+def _variant(variant: str, default_length: int) -> tuple[str, list[str], int]:
+    """``DTYPE[+FLAG...][@TOKENS]`` -> (dtype, flags, max_length)."""
+    spec, _, length = variant.partition("@")
+    dtype, *flags = spec.split("+")
+    return dtype, flags, int(length) if length else default_length
+
+
 def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
     """Peak RSS of the client at cut ``target_cut`` per precision, against its budget: import baseline
     + its part's weights in that dtype + LoRA + AdamW state + peak saved activations."""
@@ -139,8 +148,7 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
     data = full_length_rows(8 * s.big_batch_size, s.big_max_length)
     rows = []
     for variant in s.big_variants:
-        dtype, *flags = variant.split("@")[0].split("+")
-        max_length = int(variant.split("@")[1]) if "@" in variant else s.big_max_length
+        dtype, flags, max_length = _variant(variant, s.big_max_length)
         quant = next((f for f in flags if f in ("nf4", "int8")), None)
         spec = ProbeSpec(role="client", model=str(path), cut=s.target_cut, batch_size=s.big_batch_size,
                          max_length=max_length, warmup=1, steps=1, threads=opts.threads, device=opts.device,
@@ -181,10 +189,9 @@ def _big_rows(s: Settings, opts: Options, result: BenchResult) -> None:
     deployed = []
     for variant in s.big_deployed:
         probe = by.get(variant)
-        if probe is None or "+" in variant:
+        dtype, flags, max_length = _variant(variant, s.big_max_length)
+        if probe is None or flags:
             continue  # its budget comes from the probe row of the same variant (a plain dtype)
-        dtype = variant.split("@")[0]
-        max_length = int(variant.split("@")[1]) if "@" in variant else s.big_max_length
         cfg = RunConfig(model=str(path), clients=1, cut_layer=s.target_cut, batch_size=s.big_batch_size,
                         max_length=max_length, steps=s.big_deployed_steps, aggregate_every=s.big_deployed_steps,
                         threads=opts.threads, device=opts.device, dtype=dtype, server_dtype="fp32",
